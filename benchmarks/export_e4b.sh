@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Core AI export of the E4B-shaped bundle: wall time and peak RSS (issue 4, target <= 16 GB peak).
+#
+#   benchmarks/export_e4b.sh BUNDLE OUT [MODE] [MAX_CONTEXT]
+#
+# BUNDLE: an E4B bundle (e.g. `gemma4-coreai synth --shape e4b` + `gemma4-coreai convert`); MODE provider|tbl|both
+# (default provider); MAX_CONTEXT default 4096. Writes OUT and OUT.time (GNU time -v) next to it.
+set -euo pipefail
+BUNDLE=${1:?usage: export_e4b.sh BUNDLE OUT [MODE] [MAX_CONTEXT]}
+OUT=${2:?usage: export_e4b.sh BUNDLE OUT [MODE] [MAX_CONTEXT]}
+MODE=${3:-provider}
+CTX=${4:-4096}
+PY=${PYTHON:-python}
+
+/usr/bin/time -v "$PY" -m gemma4_coreai.export_coreai "$BUNDLE" -o "$OUT" --mode "$MODE" --max-context "$CTX" --force \
+  2> >(tee "$OUT.time" >&2)
+grep -E "Elapsed \(wall clock\)|Maximum resident set size" "$OUT.time"
+du -sh "$OUT"/gpu-pipelined/* "$OUT"/ios-frontend/*

@@ -1,0 +1,205 @@
+"""Backends: run a bundle's decoder behind one small API (`prefill`, `decode`, `forward_all`, `reset`).
+
+`TorchBackend` runs `model.Gemma4Model` eagerly on CPU or CUDA. In provider mode the host gathers each step's
+PLE rows from the bundle's int8 memmap (only the rows of the step's tokens are read); in tbl mode the table is
+a resident buffer gathered in-graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import Gemma4Error
+from .model import LINEAR_STORAGE, PLE_MODES, Gemma4Model, dequantize_ple, gather_ple_rows
+
+BACKENDS = ("torch",)
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+DEFAULT_MAX_CONTEXT = 4096
+# Dequantize every linear once (fast) while the dense copy fits this budget; beyond it keep packed int4.
+DENSE_BUDGET_BYTES = {"cpu": 4 << 30, "cuda": 24 << 30}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' -> torch.device, with one clear line when it cannot be used."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise Gemma4Error(f"unknown device {str(device)!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Gemma4Error(f"device {str(device)!r} requested but no CUDA GPU is available "
+                              f"(torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise Gemma4Error(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA "
+                              f"GPU(s) are visible")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None -> fp32 on CPU (reference-exact), bf16 on CUDA. fp16 is CUDA-only."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise Gemma4Error(f"unknown dtype {dtype!r}: expected fp32, bf16 or fp16")
+        dtype = DTYPES[dtype.lower()]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise Gemma4Error(f"unsupported dtype {dtype}: expected fp32, bf16 or fp16")
+    if dtype == torch.float16 and device.type != "cuda":
+        raise Gemma4Error("dtype fp16 is supported on CUDA only: use fp32 or bf16 on CPU")
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _auto_storage(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> str:
+    params = sum(o * i for o, i in cfg.linear_shapes().values()) + cfg.vocab_size * cfg.hidden_size
+    dense = params * torch.finfo(dtype).bits // 8
+    return "dense" if dense <= DENSE_BUDGET_BYTES[device.type] else "packed"
+
+
+def _as_torch(a: Any) -> torch.Tensor:
+    """numpy (a read-only memmap included: shared, not copied) or torch -> torch."""
+    if isinstance(a, torch.Tensor):
+        return a
+    with warnings.catch_warnings():  # torch warns that a read-only memmap is not writable; we never write it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(a))
+
+
+class TorchBackend:
+    """The decoder on CPU or CUDA. Logits come back as fp32 tensors on the backend's device.
+
+    A sequence grows through `prefill` (any number of tokens, one batched forward) and `decode` (one token);
+    `reset()` starts a new one. `forward_all(ids)` restarts and returns teacher-forced logits for every
+    position (verify)."""
+
+    name = "torch"
+
+    def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], ple_table: Any, ple_scale: Any, *,
+                 device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                 ple_mode: str | None = None, max_context: int | None = None, linear_storage: str | None = None):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.ple_mode = ple_mode or ("provider" if self.device.type == "cpu" else "tbl")
+        if self.ple_mode not in PLE_MODES:
+            raise Gemma4Error(f"unknown ple_mode {self.ple_mode!r}: expected one of {', '.join(PLE_MODES)}")
+        storage = linear_storage or _auto_storage(cfg, self.dtype, self.device)
+        if storage not in LINEAR_STORAGE:
+            raise Gemma4Error(f"unknown linear storage {storage!r}: expected one of {', '.join(LINEAR_STORAGE)}")
+        max_context = int(max_context or min(DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings))
+        if not 1 <= max_context <= cfg.max_position_embeddings:
+            raise Gemma4Error(f"max context {max_context} is out of range: the model supports 1 to "
+                              f"{cfg.max_position_embeddings} tokens")
+        self.config, self.max_context, self.vocab_size = cfg, max_context, cfg.vocab_size
+        # Provider mode keeps the table where it lives (the bundle's memmap) and reads rows per step.
+        self._ple_table, self._ple_scale = ple_table, ple_scale
+        tbl = self.ple_mode == "tbl"
+        with torch.inference_mode(False), torch.no_grad():
+            self.model = Gemma4Model(
+                cfg, weights, dtype=self.dtype, ple_mode=self.ple_mode, max_context=max_context,
+                linear_storage=storage, device=self.device,
+                ple_table=_as_torch(ple_table) if tbl else None, ple_scale=_as_torch(ple_scale) if tbl else None)
+        self.model.eval()
+        self._position = 0
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, **kw: Any) -> TorchBackend:
+        """From an opened bundle (duck-typed: .config .tensor(name) .ple_table() .ple_scale() .max_context)."""
+        if kw.get("max_context") is None:
+            kw["max_context"] = bundle.max_context
+        return cls(bundle.config, _BundleTensors(bundle), bundle.ple_table(), bundle.ple_scale(), **kw)
+
+    @property
+    def position(self) -> int:
+        """Tokens in the current sequence (the position the next token will take)."""
+        return self._position
+
+    def describe(self) -> str:
+        return (f"torch {self.device.type} {_dtype_name(self.dtype)} {self.ple_mode} "
+                f"(linears {self.model.lm_head.storage}, max context {self.max_context})")
+
+    def reset(self) -> None:
+        self._position = 0
+
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        """Append `ids` in one batched forward; fp32 logits [V] of the last position."""
+        return self._forward(ids, last_only=True)[-1]
+
+    def decode(self, token_id: int) -> torch.Tensor:
+        """Append one token; fp32 logits [V]."""
+        return self._forward([token_id], last_only=True)[-1]
+
+    def forward_all(self, ids: Sequence[int]) -> torch.Tensor:
+        """Restart with `ids` (teacher forcing): fp32 logits [S, V], row j predicting token j+1."""
+        self.reset()
+        return self._forward(ids, last_only=False)
+
+    def _check(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise Gemma4Error("need at least one token")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise Gemma4Error(f"token id {bad} is out of range for vocab size {self.vocab_size}")
+        end = self._position + len(ids)
+        if end > self.max_context:
+            raise Gemma4Error(f"sequence of {end} tokens exceeds the max context of {self.max_context} tokens")
+        return ids
+
+    def _ple_rows(self, ids: list[int]) -> torch.Tensor | None:
+        if self.ple_mode == "tbl":
+            return None
+        cfg = self.config
+        if isinstance(self._ple_table, torch.Tensor):
+            rows = gather_ple_rows(self._ple_table, self._ple_scale, torch.tensor(ids), cfg.ple_dim)
+        else:  # numpy memmap: fancy indexing reads just these rows
+            idx = np.asarray(ids)
+            rows = dequantize_ple(torch.from_numpy(np.asarray(self._ple_table[idx])),
+                                  torch.from_numpy(np.asarray(self._ple_scale[idx], dtype=np.float32)), cfg.ple_dim)
+        return rows.view(1, len(ids), cfg.num_layers, cfg.ple_dim).to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def _forward(self, ids: Sequence[int], last_only: bool) -> torch.Tensor:
+        ids = self._check(ids)
+        start = self._position
+        x = torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True)
+        pos = torch.tensor(start, dtype=torch.long).to(self.device, non_blocking=True)
+        logits = self.model(x, pos, self._ple_rows(ids), kv_len=start + len(ids), last_only=last_only)
+        self._position = start + len(ids)
+        return logits[0]
+
+
+class _BundleTensors:
+    """A bundle's weights.safetensors read by name, lazily (all the model needs of its `weights` mapping)."""
+
+    def __init__(self, bundle: Any):
+        self._bundle = bundle
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return _as_torch(self._bundle.tensor(key))
+
+
+def load_backend(bundle: Any, backend: str = "torch", **kw: Any) -> TorchBackend:
+    """A backend by name for an opened bundle. kw: device, dtype, ple_mode, max_context, linear_storage."""
+    if backend not in BACKENDS:
+        raise Gemma4Error(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    return TorchBackend.from_bundle(bundle, **kw)
+
+
+def ple_bytes_per_token(cfg: ModelConfig) -> int:
+    """Bytes a provider-mode step reads from the PLE table per token (one int8 row + its fp32 scale)."""
+    return cfg.ple_width + 4
+
+

@@ -1,0 +1,178 @@
+"""Core AI backend: runs an exported `.aimodel` decode graph on the Core AI runtime behind the backend API.
+
+`coreai.runtime` picks the engine: the OS Core AI framework on macOS 27+, the in-package reference runtime
+elsewhere (Linux: a slow, single-threaded interpreter, for correctness checks). The graph is static S=1, so a
+prefill is S=1 steps over the prompt. The KV cache is the graph's two states, one runtime NDArray each, updated
+in place by every call and replaced by fresh zero arrays on `reset()`.
+
+PLE: provider graphs get each token's row from the gather_raw tables (an int8 memmap: one row read per token);
+tbl graphs get the whole table bound once as an input and gather it themselves.
+
+The runtime is async only; one private event loop drives it from sync code. Runtime faults may abort the process
+(Swift fatal errors are not Python exceptions): validate unknown graphs in a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import Gemma4Error
+from .export_coreai import require_coreai
+from .model import dequantize_ple
+
+
+def resolve_model_dir(path: str | Path, mode: str | None = None) -> Path:
+    """OUT/gpu-pipelined/<name> from itself, from its .aimodel, or from an export dir OUT (picking `mode`, else
+    provider when both were exported)."""
+    p = Path(path)
+    if p.suffix == ".aimodel":
+        p = p.parent
+    if (p / "metadata.json").is_file() and not (p / "gpu-pipelined").is_dir():
+        return p
+    root = p / "gpu-pipelined"
+    if not root.is_dir():
+        raise Gemma4Error(f"{p}: not a Core AI export (no gpu-pipelined/ or metadata.json); run export-coreai")
+    found = {}
+    for d in sorted(root.iterdir()):
+        if (d / "metadata.json").is_file():
+            found[json.loads((d / "metadata.json").read_text()).get("gemma4", {}).get("ple_mode")] = d
+    if not found:
+        raise Gemma4Error(f"{root}: holds no exported model")
+    if mode is not None:
+        if mode not in found:
+            raise Gemma4Error(f"{root}: no {mode}-mode model (found: {', '.join(sorted(map(str, found)))})")
+        return found[mode]
+    return found.get("provider") or next(iter(found.values()))
+
+
+class _SyncFunction:
+    """One event loop kept alive so sync code can await the runtime's async load and calls."""
+
+    def __init__(self, aimodel: Path):
+        from coreai.authoring import AIModelAsset
+
+        self._loop = asyncio.new_event_loop()
+        self._cm = AIModelAsset.load(aimodel).executable()  # compiles for this machine (ODIX on Linux) + loads
+        self._model = self._loop.run_until_complete(self._cm.__aenter__())
+        self.fn = self._model.load_function("main")
+
+    def __call__(self, inputs: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        return self._loop.run_until_complete(self.fn(inputs=inputs, state=state))
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self._cm.__aexit__(None, None, None))
+            self._loop.close()
+
+
+class CoreAIBackend:
+    """An exported decode graph on the Core AI runtime. Logits come back as fp32 CPU tensors [V]."""
+
+    name = "coreai"
+
+    def __init__(self, path: str | Path, *, mode: str | None = None, tables: str | Path | None = None):
+        """`path`: an export dir OUT, OUT/gpu-pipelined/<name> or its .aimodel. `mode` picks provider/tbl in an
+        export holding both. `tables`: the gather_raw dir (or a bundle dir) when not at the exported place."""
+        require_coreai()
+        from coreai.runtime import NDArray
+
+        self._NDArray = NDArray
+        self.model_dir = resolve_model_dir(path, mode)
+        meta = json.loads((self.model_dir / "metadata.json").read_text())
+        g = meta.get("gemma4")
+        if not g:
+            raise Gemma4Error(f"{self.model_dir / 'metadata.json'}: no 'gemma4' section (not exported by this tool)")
+        self.metadata = meta
+        self.ple_mode: str = g["ple_mode"]
+        self.max_context = int(meta["language"]["max_context_length"])
+        self.vocab_size = int(meta["language"]["vocab_size"])
+        self.num_layers, self.ple_dim = int(g["num_layers"]), int(g["ple_dim"])
+        self._state_specs = {n: (tuple(s["shape"]), np.dtype(s["dtype"])) for n, s in g["states"].items()}
+
+        tdir = Path(tables) if tables is not None else (self.model_dir / g["ple_tables"]).resolve()
+        width = self.num_layers * self.ple_dim
+        try:
+            self._ple_table = np.memmap(tdir / "embed_per_layer.i8", dtype=np.int8, mode="r",
+                                        shape=(self.vocab_size, width))
+            self._ple_scale = np.memmap(tdir / "embed_per_layer.scale.f32", dtype=np.float32, mode="r",
+                                        shape=(self.vocab_size,))
+        except (OSError, ValueError) as e:
+            raise Gemma4Error(f"{tdir}: PLE tables missing or wrong size ({e}); pass tables=") from None
+
+        self._fn = _SyncFunction(self.model_dir / meta["assets"]["main"])
+        self._bound: dict[str, Any] = {}
+        if self.ple_mode == "tbl":
+            # Bound once and reused by every call (the runtime copies them into its own storage).
+            self._bound = {"ple_table": NDArray(np.ascontiguousarray(self._ple_table)),
+                           "ple_scale": NDArray(np.ascontiguousarray(self._ple_scale))}
+        self.reset()
+
+    @classmethod
+    def from_path(cls, path: str | Path, **kw: Any) -> CoreAIBackend:
+        return cls(path, **kw)
+
+    @property
+    def position(self) -> int:
+        """Tokens in the current sequence (the position the next token will take)."""
+        return self._position
+
+    def describe(self) -> str:
+        import coreai.runtime as rt
+
+        engine = "OS Core AI framework" if getattr(rt, "_use_os_coreai", False) else "in-package runtime"
+        return f"coreai {self.model_dir.name} ({self.ple_mode}, {engine}, max context {self.max_context})"
+
+    def reset(self) -> None:
+        """A new sequence: fresh zeroed KV states (NDArray copies its source; rewriting the old one can't work)."""
+        self._state = {n: self._NDArray(np.zeros(shape, dtype)) for n, (shape, dtype) in self._state_specs.items()}
+        self._position = 0
+
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        """Append `ids` as S=1 steps; fp32 logits [V] of the last one."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise Gemma4Error("need at least one token")
+        logits = None
+        for t in ids:
+            logits = self.decode(t)
+        return logits
+
+    def decode(self, token_id: int) -> torch.Tensor:
+        """Append one token; fp32 logits [V]."""
+        t = int(token_id)
+        if not 0 <= t < self.vocab_size:
+            raise Gemma4Error(f"token id {t} is out of range for vocab size {self.vocab_size}")
+        if self._position >= self.max_context:
+            raise Gemma4Error(f"sequence of {self._position + 1} tokens exceeds the max context of "
+                              f"{self.max_context} tokens (export with a larger --max-context)")
+        nd = self._NDArray
+        inputs = {"input_ids": nd(np.array([[t]], np.int32)), "position": nd(np.array([self._position], np.int32))}
+        if self.ple_mode == "provider":
+            inputs["ple_tokens"] = nd(self._ple_row(t))
+        else:
+            inputs.update(self._bound)
+        out = self._fn(inputs, self._state)
+        self._position += 1
+        return torch.from_numpy(out["logits"].numpy().astype(np.float32).reshape(-1))
+
+    def _ple_row(self, t: int) -> np.ndarray:
+        """One token's PLE row from the int8 memmap: fp32 `i8 * scale * sqrt(P)`, fed as fp16 [1, 1, L, P]."""
+        # model.dequantize_ple: the torch backend's and the tbl graph's arithmetic, so every path rounds alike.
+        row = dequantize_ple(torch.from_numpy(np.array(self._ple_table[t : t + 1])),
+                             torch.from_numpy(np.array(self._ple_scale[t : t + 1])), self.ple_dim)
+        return row.to(torch.float16).numpy().reshape(1, 1, self.num_layers, self.ple_dim)
+
+    def close(self) -> None:
+        self._fn.close()
+
+
+def load_coreai_backend(path: str | Path, **kw: Any) -> CoreAIBackend:
+    """`--backend coreai`: path = an export dir (OUT) or OUT/gpu-pipelined/<name>; kw: mode, tables."""
+    return CoreAIBackend(path, **kw)

@@ -1,0 +1,320 @@
+"""The fast CUDA path: model.py's Gemma4Model with strategies plugged in, not a second copy of the math.
+
+- Linear strategy (`fast_linear`): one token -> the Triton int4 GEMV (`torch.ops.gemma4.q4_gemv`, weights
+  streamed once from the bundle's packed q4_0); several tokens (prefill) -> dequantize to bf16 with a Triton
+  kernel, then a tensor-core GEMM (cuBLAS through F.linear).
+- Decode step: `torch.compile` (inductor fuses the norms, RoPE, masks and softmax between the GEMVs), then one
+  CUDA graph per KV-length bucket, replayed with no host synchronisation inside a step. The graph also takes
+  the greedy argmax and advances the device-side token and position, so `greedy(n)` queues n steps and
+  synchronises once.
+- PLE in tbl mode: the int8 table is a resident buffer gathered in the graph (provider mode copies the host
+  row into a static buffer before each replay).
+- KV cache: model.py's unified buffers, allocated once for `max_context`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import kernels  # noqa: F401  (registers torch.ops.gemma4.*)
+from .backends import TorchBackend
+from .errors import Gemma4Error
+from .model import Q4Linear, dequantize_ple, set_linear_fn
+
+KV_BUCKET = 512
+PREFILL_CHUNK = 2048  # tokens per batched prefill forward (bounds the attention scores' memory)
+
+
+def fast_linear(m: Q4Linear, x: torch.Tensor) -> torch.Tensor:
+    """Linear strategy for the CUDA fast path (module storage must be 'packed')."""
+    if x.numel() == m.in_features:  # one token: bandwidth-bound GEMV straight from int4
+        return torch.ops.gemma4.q4_gemv(x, m.q4, m.scale)
+    w = torch.ops.gemma4.q4_dequant(m.q4, m.scale, x.dtype)  # prefill: compute-bound, tensor cores
+    return F.linear(x, w)
+
+
+class FastCudaBackend:
+    """Same API as TorchBackend (`prefill`, `decode`, `reset`, `max_context`, `position`) plus `greedy(n)`."""
+
+    name = "fast"
+
+    def __init__(self, inner: TorchBackend, *, compile: bool = True, cuda_graph: bool = True):
+        """Wrap a TorchBackend built on CUDA in bf16 with linear_storage='packed' (see `from_bundle`)."""
+        if inner.device.type != "cuda" or inner.model.lm_head.storage != "packed":
+            raise Gemma4Error("the fast path needs a CUDA torch backend with packed int4 linears")
+        self.inner = inner
+        self.model = self.inner.model
+        ple_mode = inner.ple_mode
+        self.config, self.max_context, self.ple_mode = self.inner.config, self.inner.max_context, ple_mode
+        self.device = self.inner.device
+        for _, lin in self.model.q4_linears():
+            lin.q4 = lin.q4.contiguous()
+            lin.scale = lin.scale.contiguous()
+        set_linear_fn(self.model, fast_linear)
+        self.use_compile, self.use_graph = compile, cuda_graph
+        dev = self.device
+        self._ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self._pos = torch.zeros((), dtype=torch.long, device=dev)
+        cfg = self.config
+        self._ple = (torch.zeros(1, 1, cfg.num_layers, cfg.ple_dim, dtype=torch.float32, device=dev)
+                     if ple_mode == "provider" else None)
+        self._ple_host = (torch.zeros(cfg.ple_width, dtype=torch.float32).pin_memory()
+                          if ple_mode == "provider" else None)
+        self._logits = torch.zeros(cfg.vocab_size, dtype=torch.float32, device=dev)
+        self._tokens = torch.zeros(self.max_context + 1, dtype=torch.long, device=dev)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self._step_fn = self._step
+        if compile:
+            self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=True)
+        self._position = 0
+        self.compile_s = 0.0
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, *, max_context: int | None = None, ple_mode: str = "tbl",
+                    device: str = "cuda", compile: bool = True, cuda_graph: bool = True) -> FastCudaBackend:
+        if not torch.cuda.is_available():
+            raise Gemma4Error("the fast path needs a CUDA GPU (use the stock torch backend on CPU)")
+        inner = TorchBackend.from_bundle(bundle, device=device, dtype=torch.bfloat16, ple_mode=ple_mode,
+                                         max_context=max_context or bundle.max_context, linear_storage="packed")
+        return cls(inner, compile=compile, cuda_graph=cuda_graph)
+
+    # -- the decode step (what the graph captures) --
+    def _step(self, ids: torch.Tensor, pos: torch.Tensor, ple: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+        return self.model(ids, pos, ple, kv_len=kv_len)[0, -1]
+
+    def _captured_step(self, kv_len: int) -> None:
+        logits = self._step_fn(self._ids, self._pos, self._ple, kv_len)
+        self._logits.copy_(logits)
+        nxt = logits.argmax()
+        self._tokens.index_copy_(0, self._pos.view(1), nxt.view(1))  # token chosen after position pos
+        self._ids.copy_(nxt.view(1, 1))
+        self._pos.add_(1)
+
+    def _bucket(self, position: int) -> int:
+        return min(self.max_context, (position // KV_BUCKET + 1) * KV_BUCKET)
+
+    def _graph(self, kv_len: int) -> torch.cuda.CUDAGraph | None:
+        if not self.use_graph:
+            return None
+        g = self._graphs.get(kv_len)
+        if g is not None:
+            return g
+        t0 = time.perf_counter()
+        saved_ids, saved_pos = self._ids.clone(), self._pos.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.inference_mode():
+            for _ in range(3):  # compile, autotune and warm up outside the capture
+                self._ids.copy_(saved_ids)
+                self._pos.copy_(saved_pos)
+                try:
+                    self._captured_step(kv_len)
+                except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
+                    if self._step_fn is self._step:
+                        raise
+                    warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                  "falling back to eager CUDA graphs", stacklevel=2)
+                    self._step_fn, self.use_compile = self._step, False
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool), torch.inference_mode():
+            self._captured_step(kv_len)
+        torch.cuda.synchronize()
+        self._ids.copy_(saved_ids)
+        self._pos.copy_(saved_pos)
+        self._graphs[kv_len] = g
+        self.compile_s += time.perf_counter() - t0
+        return g
+
+    def warm(self, positions: Sequence[int]) -> None:
+        """Build (compile + capture) the graphs that decoding at these positions will use."""
+        for p in positions:
+            self._graph(self._bucket(p))
+
+    # -- API --
+    @property
+    def position(self) -> int:
+        return self._position
+
+    def describe(self) -> str:
+        how = ("torch.compile + CUDA graphs" if self.use_compile and self.use_graph else
+               "CUDA graphs" if self.use_graph else "torch.compile" if self.use_compile else "eager")
+        return f"fast cuda bf16 {self.ple_mode} (Triton int4 GEMV, {how}, max context {self.max_context})"
+
+    def reset(self) -> None:
+        self._position = 0
+        self.inner.reset()
+
+    def forward_all(self, ids: Sequence[int]) -> torch.Tensor:
+        """Teacher-forced logits [S, V] (restarts; the batched prefill path)."""
+        self._position = 0
+        out = self.inner.forward_all(ids)
+        self._position = self.inner.position
+        return out
+
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        """Batched prefill (dequantize + tensor-core GEMMs), in chunks of PREFILL_CHUNK tokens."""
+        ids = list(ids)
+        if not ids:
+            raise Gemma4Error("need at least one token")
+        self.inner._position = self._position
+        for i in range(0, len(ids), PREFILL_CHUNK):
+            logits = self.inner.prefill(ids[i:i + PREFILL_CHUNK])
+        self._position = self.inner.position
+        return logits
+
+    def _set_ple(self, token: int) -> None:
+        if self._ple is None:
+            return
+        b = self.inner
+        if isinstance(b._ple_table, torch.Tensor):
+            row = dequantize_ple(b._ple_table[token].unsqueeze(0), b._ple_scale[token].view(1), self.config.ple_dim)
+        else:
+            row = dequantize_ple(torch.from_numpy(np.asarray(b._ple_table[token:token + 1])),
+                                 torch.from_numpy(np.asarray(b._ple_scale[token:token + 1], dtype=np.float32)),
+                                 self.config.ple_dim)
+        self._ple_host.copy_(row.view(-1))
+        self._ple.view(-1).copy_(self._ple_host, non_blocking=True)
+
+    def _run_step(self, position: int) -> None:
+        kv_len = self._bucket(position)
+        g = self._graph(kv_len)
+        if g is None:
+            with torch.inference_mode():
+                self._captured_step(kv_len)
+        else:
+            g.replay()
+
+    def decode(self, token_id: int) -> torch.Tensor:
+        """Append one token; fp32 logits [V] (a copy)."""
+        if not 0 <= token_id < self.config.vocab_size:
+            raise Gemma4Error(f"token id {token_id} is out of range for vocab size {self.config.vocab_size}")
+        if self._position + 1 > self.max_context:
+            raise Gemma4Error(f"sequence exceeds the max context of {self.max_context} tokens")
+        self._ids.fill_(token_id)
+        self._pos.fill_(self._position)
+        self._set_ple(token_id)
+        self._run_step(self._position)
+        self._position += 1
+        return self._logits.clone()
+
+    def greedy(self, first_token: int, n: int) -> list[int]:
+        """Feed `first_token`, then keep feeding the argmax: n steps, one host sync at the end (tbl mode).
+
+        Returns the n tokens chosen (the argmax after each step)."""
+        if self._position + n > self.max_context:
+            raise Gemma4Error(f"sequence exceeds the max context of {self.max_context} tokens")
+        start = self._position
+        self._ids.fill_(first_token)
+        self._pos.fill_(start)
+        for i in range(n):
+            if self._ple is not None:  # provider mode: the host needs each token to gather its row
+                self._set_ple(int(self._ids.item()))
+            self._run_step(start + i)
+        self._position = start + n
+        return self._tokens[start:start + n].tolist()
+
+
+def load_fast_backend(bundle: Any, **kw: Any) -> FastCudaBackend:
+    return FastCudaBackend.from_bundle(bundle, **kw)
+
+
+def gemv_microbench(shapes: Sequence[tuple[int, int]], iters: int = 200, seed: int = 0) -> list[dict[str, Any]]:
+    """Time the Triton int4 GEMV against the stock paths at the given [N, K] shapes (CUDA graphs, rotating
+    weight sets so L2 never holds them). Returns one row per shape with achieved GB/s."""
+    from .kernels import q4_dequant_ref, q4_gemv_triton
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rows = []
+    for n, k in shapes:
+        sets = max(2, math.ceil(200e6 / (n * k * 0.5625)))  # > L2 (50 MB) in total
+        ws = []
+        for _ in range(sets):
+            q4 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g).to(dev)
+            sc = ((torch.rand(n, k // 32, generator=g) + 0.5) * 0.01).half().to(dev)
+            ws.append((q4, sc))
+        x = torch.randn(1, k, generator=g).bfloat16().to(dev)
+        # correctness on fresh data, output poisoned first
+        y = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device=dev)
+        q4_gemv_triton(x, *ws[0], out=y)
+        ref = (x.float() @ q4_dequant_ref(*ws[0]).t())
+        err = float((y.float() - ref).norm() / ref.norm())
+        nbytes = n * k // 2 + ws[0][1].numel() * ws[0][1].element_size() + 2 * (k + n)
+
+        def timed(fn, reps=iters, sets=sets):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for i in range(3):
+                    fn(i)
+            torch.cuda.current_stream().wait_stream(stream)
+            gr = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gr):
+                for i in range(sets):
+                    fn(i)
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(max(3, reps // sets)):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                gr.replay()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / sets * 1e3)
+            return float(np.median(times))
+
+        t_triton = timed(lambda i, x=x, ws=ws, y=y, sets=sets: q4_gemv_triton(x, *ws[i % sets], out=y))
+        row = {"N": n, "K": k, "bytes": nbytes, "triton_us": t_triton, "triton_GBps": nbytes / t_triton / 1e3,
+               "rel_err": err}
+        try:  # stock int4 kernel (tinygemm, bf16 scales: not exact, timing only)
+            from .model import unpack_int4
+
+            q = unpack_int4(ws[0][0].cpu()).int() + 8
+            packed = torch.ops.aten._convert_weight_to_int4pack(
+                (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(dev), 8)
+            sz = torch.stack((ws[0][1].t().bfloat16(), torch.zeros_like(ws[0][1].t().bfloat16())), -1).contiguous()
+            row["tinygemm_us"] = timed(lambda i, x=x, p=packed, sz=sz: torch.ops.aten._weight_int4pack_mm(x, p, 32, sz),
+                                      reps=50)
+        except Exception as e:  # noqa: BLE001 - optional comparison
+            row["tinygemm_us"] = None
+            row["tinygemm_error"] = str(e).splitlines()[0][:120]
+        wd = q4_dequant_ref(*ws[0]).bfloat16()
+        row["bf16_cublas_us"] = timed(lambda i, x=x, wd=wd: F.linear(x, wd), reps=50)
+        rows.append(row)
+    return rows
+
+
+def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Measured copy bandwidth in bytes/s (bytes read + bytes written over the median time of a large copy)."""
+    device = torch.device(device)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 2):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dst.copy_(src)
+            b.record()
+            b.synchronize()
+            t = a.elapsed_time(b) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            t = time.perf_counter() - t0
+        if i >= 2:
+            times.append(t)
+    return 2 * src.numel() * 4 / float(np.median(times))

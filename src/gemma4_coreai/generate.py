@@ -1,0 +1,261 @@
+"""Generation: chat formatting, sampling, stop tokens and streaming text (mlx-lm's `stream_generate` shape).
+
+A backend is anything with `prefill(ids) -> logits[V]`, `decode(token) -> logits[V]`, `reset()` and
+`max_context` (see backends.py). Text streams through an incremental detokenizer that decodes only a small
+window per token and holds back an incomplete UTF-8 tail, so a long reply costs O(n), not O(n^2).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import Gemma4Error
+
+EOS, BOS, TURN_OPEN, TURN_CLOSE, NEWLINE = 1, 2, 105, 106, 107
+THINK, CHANNEL_OPEN, CHANNEL_CLOSE = 98, 100, 101
+TOOL_CALL_CLOSE = 50
+DEFAULT_STOP = (TURN_CLOSE, EOS)
+
+
+class Backend(Protocol):
+    max_context: int
+
+    def reset(self) -> None: ...
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor: ...
+    def decode(self, token: int) -> torch.Tensor: ...
+
+
+# ---- chat formatting -------------------------------------------------------------------------------------
+
+def render_chat(template: str, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+                enable_thinking: bool = False, bos_token: str = "<bos>", **extra: Any) -> str:
+    """Render a chat template in a sandbox (no attribute access to Python internals, no file system)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(msg: str) -> None:
+        raise TemplateError(msg)
+
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+            bos_token=bos_token, **extra)
+    except TemplateError as e:
+        raise Gemma4Error(f"chat template: {e}") from None
+
+
+def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": prompt}]
+
+
+def encode_chat(tokenizer, template: str, prompt: str, system: str | None = None,
+                enable_thinking: bool = False) -> list[int]:
+    """Prompt ids for one user turn: `<bos><|turn>user\\n{prompt}<turn|>\\n<|turn>model\\n` (system turn first
+    when given; thinking adds `<|think|>` as the template defines)."""
+    text = render_chat(template, chat_messages(prompt, system), enable_thinking=enable_thinking)
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+# ---- sampling --------------------------------------------------------------------------------------------
+
+@dataclass
+class SamplingParams:
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def from_generation_config(cls, gen: dict[str, Any], **overrides: Any) -> SamplingParams:
+        """Defaults from the bundle's generation_config.json; explicit (non-None) overrides win."""
+        p = cls(greedy=not gen.get("do_sample", False), temperature=float(gen.get("temperature", 1.0)),
+                top_k=int(gen.get("top_k", 0) or 0), top_p=float(gen.get("top_p", 1.0)))
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(p, k, v)
+        if p.temperature <= 0:
+            p.greedy = True
+        if not 0 < p.top_p <= 1:
+            raise Gemma4Error(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.top_k < 0:
+            raise Gemma4Error(f"top_k must be >= 0, got {p.top_k}")
+        return p
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams) -> None:
+        self.p = params
+        self.gen = torch.Generator().manual_seed(params.seed if params.seed is not None else
+                                                 torch.seed() % (2**63))
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        logits = logits.float().cpu()
+        if self.p.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / self.p.temperature
+        if self.p.top_k:
+            kth = torch.topk(logits, min(self.p.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if self.p.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, 0) - sorted_p < self.p.top_p  # always keeps the top token
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+
+# ---- streaming detokenization --------------------------------------------------------------------------
+
+class StreamDetokenizer:
+    """Decodes a growing token list incrementally: each call decodes only the tokens since the last emitted
+    boundary (plus a few of context, so merges like leading spaces decode right) and holds back text that
+    ends in an incomplete UTF-8 sequence (decoded as U+FFFD) until the next token completes it."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the decode window
+        self.read = 0  # tokens before this index have been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        if now.endswith("\ufffd") or len(now) < len(before):
+            return ""  # incomplete UTF-8 tail: wait for more bytes
+        delta = now[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        return delta
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete tail at the very end), decoded as is."""
+        rest = self._decode(self.ids[self.prefix:])[len(self._decode(self.ids[self.prefix:self.read])):]
+        self.prefix = self.read = len(self.ids)
+        return rest
+
+
+# ---- the generation loop -------------------------------------------------------------------------------
+
+@dataclass
+class Step:
+    """One streamed token: its id, the text it completed (may be empty) and the channel it belongs to."""
+
+    token: int
+    text: str
+    channel: str  # "answer" or "thought"
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    thinking: str = ""
+    finish_reason: str = "length"  # "stop", "length" or "context"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "text": self.text,
+                "thinking": self.thinking, "finish_reason": self.finish_reason,
+                "timings": {"prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                            "prefill_tok_s": self.prefill_tps, "decode_tok_s": self.decode_tps}}
+
+
+def check_prompt(ids: Sequence[int], vocab_size: int, max_context: int) -> None:
+    if not ids:
+        raise Gemma4Error("the prompt is empty")
+    for t in ids:
+        if not 0 <= t < vocab_size:
+            raise Gemma4Error(f"token id {t} is out of range for the vocabulary of {vocab_size}")
+    if len(ids) >= max_context:
+        raise Gemma4Error(f"the prompt is {len(ids)} tokens; the bundle's max context is {max_context} "
+                          f"(leave room for at least one new token, or convert with a larger --max-context)")
+
+
+def stream_generate(backend: Backend, tokenizer, prompt_ids: Sequence[int], *, max_new_tokens: int = 256,
+                    sampling: SamplingParams | None = None, stop_ids: Sequence[int] = DEFAULT_STOP,
+                    vocab_size: int | None = None) -> Iterator[Step | GenerationResult]:
+    """Yield a Step per generated token, then one GenerationResult. The stop token is not yielded as text.
+
+    Tokens between `<|channel>` and `<channel|>` stream on the "thought" channel (the channel's own label,
+    'thought\\n', is dropped); everything else on "answer"."""
+    check_prompt(prompt_ids, vocab_size or 1 << 62, backend.max_context)
+    sampler = Sampler(sampling or SamplingParams(greedy=True))
+    res = GenerationResult(prompt_tokens=len(prompt_ids))
+    answer, thought = StreamDetokenizer(tokenizer), StreamDetokenizer(tokenizer)
+    channel, raw_thought = "answer", ""
+    budget = min(max_new_tokens, backend.max_context - len(prompt_ids))
+
+    backend.reset()
+    t0 = time.perf_counter()
+    logits = backend.prefill(list(prompt_ids))
+    token = sampler(logits)
+    t1 = time.perf_counter()
+    res.prefill_s = t1 - t0
+    while True:
+        if token in stop_ids:
+            res.finish_reason = "stop"
+            break
+        res.tokens.append(token)
+        text = ""
+        if token == CHANNEL_OPEN:
+            channel = "thought"
+        elif token == CHANNEL_CLOSE:
+            raw_thought += thought.flush()
+            text = _strip_label(raw_thought)[len(res.thinking):]
+            res.thinking += text
+            channel = "answer"
+        elif channel == "thought":
+            raw_thought += thought.add(token)
+            text = _strip_label(raw_thought)[len(res.thinking):]
+            res.thinking += text
+        else:
+            text = answer.add(token)
+            res.text += text
+        yield Step(token, text, "thought" if token == CHANNEL_CLOSE else channel)
+        if len(res.tokens) >= budget:
+            res.finish_reason = "length" if len(res.tokens) >= max_new_tokens else "context"
+            break
+        logits = backend.decode(token)
+        token = sampler(logits)
+    res.text += answer.flush()
+    res.thinking = _strip_label(raw_thought + thought.flush())
+    res.decode_s = time.perf_counter() - t1
+    yield res
+
+
+def _strip_label(raw: str) -> str:
+    """Thought text without the 'thought\\n' label that opens the channel (empty while the label streams)."""
+    label = "thought\n"
+    if label.startswith(raw):
+        return ""
+    return raw[len(label):] if raw.startswith(label) else raw
+
+
+def generate(backend: Backend, tokenizer, prompt_ids: Sequence[int], **kw: Any) -> GenerationResult:
+    """Non-streaming convenience: run stream_generate to the end and return the result."""
+    *_, out = stream_generate(backend, tokenizer, prompt_ids, **kw)
+    return out

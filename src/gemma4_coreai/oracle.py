@@ -1,0 +1,195 @@
+"""The fp32 Hugging Face reference (the judge of correctness), the oracle record, and `verify`.
+
+The oracle is greedy decoding with transformers in fp32 on the source checkpoint from a chat-formatted
+prompt: prompt ids, reference ids, each step's top-2 gap, and the teacher-forced argmax at every position.
+A bundle passes when every token matches; a mismatch where the reference gap is < 0.1 is a tie (reported).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from .errors import Gemma4Error
+from .generate import encode_chat
+
+TIE_GAP = 0.1
+DEFAULT_PROMPT = "Write a short poem about the sea."
+PROBE_TOKENS = 24
+
+
+# ---- the reference ---------------------------------------------------------------------------------------
+
+def reference_ram_bytes(ckpt_dir: str | Path) -> int:
+    """fp32 bytes the reference model needs (all text weights as fp32)."""
+    from .config import load_config
+
+    cfg = load_config(ckpt_dir)
+    n = sum(cfg.param_count().values())
+    return 4 * n
+
+
+def load_reference(ckpt_dir: str | Path):
+    """The fp32 transformers model for a checkpoint directory, with the class its layout needs.
+
+    Trap: the hub layout loaded into the text-only class silently gets random weights, so pick the class from
+    config.json and refuse any missing weight."""
+    import transformers
+
+    ckpt_dir = Path(ckpt_dir)
+    raw = json.loads((ckpt_dir / "config.json").read_text())
+    cls = (transformers.Gemma4ForConditionalGeneration if raw.get("model_type") == "gemma4"
+           else transformers.Gemma4ForCausalLM)
+    model, info = cls.from_pretrained(ckpt_dir, dtype=torch.float32, attn_implementation="eager",
+                                      output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", []) if "lm_head" not in k]
+    if missing:
+        raise Gemma4Error(f"{ckpt_dir}: the reference model is missing weights (e.g. {missing[0]}); "
+                          "refusing to judge with random weights")
+    return model.eval()
+
+
+def _top2(logits: torch.Tensor) -> tuple[int, float, int, float]:
+    v, i = torch.topk(logits.float(), 2)
+    return int(i[0]), float(v[0]), int(i[1]), float(v[1])
+
+
+@torch.inference_mode()
+def run_reference(model, prompt_ids: Sequence[int], n_tokens: int) -> dict[str, Any]:
+    """Forced-greedy decoding (no sampling, no stop tokens) plus one teacher-forced pass over the result."""
+    ids = torch.tensor([list(prompt_ids)])
+    out = model(input_ids=ids, use_cache=True)
+    ref_ids, step_top2 = [], []
+    for step in range(n_tokens):
+        top = _top2(out.logits[0, -1])
+        ref_ids.append(top[0])
+        step_top2.append(top)
+        if step + 1 < n_tokens:
+            out = model(input_ids=torch.tensor([[top[0]]]), past_key_values=out.past_key_values, use_cache=True)
+    full = list(prompt_ids) + ref_ids[:-1]
+    logits = model(input_ids=torch.tensor([full]), use_cache=False).logits[0]
+    tf = [_top2(row) for row in logits]
+    return {
+        "prompt_ids": list(prompt_ids),
+        "reference_ids": ref_ids,
+        "step_gaps": [t[1] - t[3] for t in step_top2],
+        "step_top2": [list(t) for t in step_top2],
+        "tf_argmax": [t[0] for t in tf],
+        "tf_gaps": [t[1] - t[3] for t in tf],
+        "tf_top1_logit": [t[1] for t in tf],
+    }
+
+
+def make_oracle(ckpt_dir: str | Path, tokenizer, chat_template: str, *, prompt: str = DEFAULT_PROMPT,
+                n_tokens: int = 32, log=print) -> dict[str, Any] | None:
+    """The oracle record for a checkpoint, or None (with a logged reason) when the fp32 reference can't fit."""
+    import transformers
+
+    need = reference_ram_bytes(ckpt_dir)
+    have = psutil.virtual_memory().available
+    if need * 1.3 > have:
+        log(f"oracle skipped: the fp32 reference needs ~{need / 1e9:.1f} GB of RAM, {have / 1e9:.1f} GB available; "
+            "run `gemma4-coreai verify BUNDLE --reference SRC` on a machine with more memory")
+        return None
+    prompt_ids = encode_chat(tokenizer, chat_template, prompt)
+    record = run_reference(load_reference(ckpt_dir), prompt_ids, n_tokens)
+    record.update(prompt=prompt, tokens=n_tokens, tie_gap=TIE_GAP,
+                  reference={"library": "transformers", "version": transformers.__version__, "dtype": "float32",
+                             "decoding": "greedy"})
+    return record
+
+
+# ---- verification ----------------------------------------------------------------------------------------
+
+def teacher_forced_logits(backend, ids: Sequence[int]) -> torch.Tensor:
+    """[len(ids), V] logits at every position: one batched pass where the backend has one, else S=1 steps."""
+    if hasattr(backend, "forward_all"):
+        return backend.forward_all(list(ids)).float().cpu()
+    backend.reset()
+    rows = [backend.prefill([ids[0]])]
+    rows += [backend.decode(t) for t in ids[1:]]
+    return torch.stack([r.float().cpu() for r in rows])
+
+
+def greedy_tokens(backend, prompt_ids: Sequence[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    backend.reset()
+    logits = backend.prefill(list(prompt_ids))
+    toks, rows = [], []
+    for i in range(n):
+        rows.append(logits.float().cpu())
+        toks.append(int(torch.argmax(logits)))
+        if i + 1 < n:
+            logits = backend.decode(toks[-1])
+    return toks, rows
+
+
+def verify(backend, oracle: dict[str, Any], *, tokens: int | None = None, probe_backend=None) -> dict[str, Any]:
+    """Check a backend against an oracle record. Returns a report; report['passed'] is the verdict."""
+    prompt = oracle["prompt_ids"]
+    ref = oracle["reference_ids"]
+    gaps = oracle["step_gaps"]
+    n = min(tokens or len(ref), len(ref))
+    if n <= 0:
+        raise Gemma4Error("the oracle holds no reference tokens")
+
+    # Free-running greedy: compare until the first divergence (after it the sequences differ by construction).
+    got, rows = greedy_tokens(backend, prompt, n)
+    free = {"tokens": n, "matched": 0, "ties": [], "mismatch": None,
+            "max_top1_logit_err": 0.0}
+    for i in range(n):
+        free["max_top1_logit_err"] = max(free["max_top1_logit_err"],
+                                         abs(float(rows[i][ref[i]]) - oracle["step_top2"][i][1]))
+        if got[i] == ref[i]:
+            free["matched"] += 1
+            continue
+        entry = {"step": i, "got": got[i], "expected": ref[i], "ref_gap": gaps[i]}
+        if gaps[i] < TIE_GAP:
+            free["ties"].append(entry)
+        else:
+            free["mismatch"] = entry
+        break
+
+    # Teacher-forced: argmax at every position of prompt + reference must match (ties excepted).
+    seq = list(prompt) + list(ref[: n - 1])
+    logits = teacher_forced_logits(backend, seq)
+    arg = torch.argmax(logits, dim=-1).tolist()
+    tf = {"positions": len(seq), "mismatches": [], "ties": []}
+    for pos, (a, b) in enumerate(zip(arg, oracle["tf_argmax"][: len(seq)], strict=True)):
+        if a != b:
+            entry = {"position": pos, "got": a, "expected": b, "ref_gap": oracle["tf_gaps"][pos]}
+            (tf["ties"] if oracle["tf_gaps"][pos] < TIE_GAP else tf["mismatches"]).append(entry)
+
+    probe = determinism_probe(backend, prompt, probe_backend)
+    passed = free["mismatch"] is None and not tf["mismatches"] and probe["identical"]
+    return {"passed": passed, "free_running": free, "teacher_forced": tf, "determinism": probe}
+
+
+def determinism_probe(backend, prompt_ids: Sequence[int], other=None, n: int = PROBE_TOKENS) -> dict[str, Any]:
+    """24 greedy tokens twice (or on two backends) must be identical."""
+    a, _ = greedy_tokens(backend, prompt_ids, n)
+    b, _ = greedy_tokens(other or backend, prompt_ids, n)
+    same = sum(x == y for x, y in zip(a, b, strict=True))
+    return {"tokens": n, "identical_tokens": same, "identical": same == n,
+            "against": "second backend" if other is not None else "second run"}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    fr, tf, pr = report["free_running"], report["teacher_forced"], report["determinism"]
+    lines = [
+        f"free-running greedy: {fr['matched']}/{fr['tokens']} tokens match"
+        + (f" (tie at step {fr['ties'][0]['step']}, reference gap {fr['ties'][0]['ref_gap']:.3f})"
+           if fr["ties"] else "")
+        + (f" -- MISMATCH at step {fr['mismatch']['step']}: got {fr['mismatch']['got']}, expected "
+           f"{fr['mismatch']['expected']} (reference gap {fr['mismatch']['ref_gap']:.3f})" if fr["mismatch"] else ""),
+        f"  max |top-1 logit - reference|: {fr['max_top1_logit_err']:.2e}",
+        f"teacher-forced argmax: {tf['positions'] - len(tf['mismatches']) - len(tf['ties'])}/{tf['positions']} "
+        f"positions match, {len(tf['ties'])} ties, {len(tf['mismatches'])} mismatches",
+        f"determinism probe ({pr['against']}): {pr['identical_tokens']}/{pr['tokens']} identical",
+        "PASS" if report["passed"] else "FAIL",
+    ]
+    return "\n".join(lines)

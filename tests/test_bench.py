@@ -1,0 +1,56 @@
+"""`gemma4-coreai bench` on the tiny bundle (CPU): the record's fields and their sanity, not speed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gemma4_coreai import bench as B
+from gemma4_coreai.config import preset
+
+
+def test_bandwidth_model_e4b():
+    cfg = preset("e4b")
+    lin = B.linear_bytes(cfg)
+    assert 2.4e9 < lin < 2.8e9  # DESIGN §6: ~4.62 B params at 4.5 bits ~ 2.6 GB
+    small, big = B.decode_step_bytes(cfg, 128), B.decode_step_bytes(cfg, 4096)
+    assert small["total"] == sum(v for k, v in small.items() if k != "total")
+    assert big["kv_cache"] > small["kv_cache"] > 0
+    # sliding layers stop growing past the window
+    assert B.kv_bytes(cfg, 1024) - B.kv_bytes(cfg, 512) == B.kv_bytes(cfg, 1536) - B.kv_bytes(cfg, 1024)
+
+
+def test_bench_record_cpu(tiny_bundle, tmp_path):
+    rec = B.bench(tiny_bundle, device="cpu", prompt_lens=[8, 40], gen_len=5, repeats=2, warmup=1)
+    json.dumps(rec)  # JSON-able
+    assert rec["schema"] == B.SCHEMA and rec["device"]["type"] == "cpu"
+    assert rec["settings"] == {"prompt_lens": [8, 40], "gen_len": 5, "repeats": 2, "warmup": 1, "seed": 0,
+                               "max_context": 45}
+    assert rec["copy_bandwidth_Bps"] > 1e8
+    assert rec["memory"]["peak_host_rss_bytes"] > 10 << 20
+    assert [r["prompt_len"] for r in rec["results"]] == [8, 40]
+    for r in rec["results"]:
+        for key in ("prefill_tps", "decode_tps", "ttft_s"):
+            s = r[key]
+            assert 0 < s["min"] <= s["median"] <= s["max"]
+        assert r["deterministic"]
+        assert r["bytes_per_decode_step"]["total"] > r["bytes_per_decode_step"]["linears"] > 0
+        assert r["floor_ms_per_token"] > 0 and 0 < r["fraction_of_floor"]
+        assert r["decode_ms_per_token"] == pytest.approx(1e3 / r["decode_tps"]["median"])
+    assert "decode tok/s" in B.format_table(rec)
+
+
+def test_bench_cli(tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "rec.json"
+    rc = B.main([str(tiny_bundle), "--prompt-len", "4", "--gen-len", "3", "--repeats", "1", "--json",
+                 "-o", str(out)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text())["results"][0]["prompt_len"] == 4 == printed["results"][0]["prompt_len"]
+
+
+def test_bench_errors(tiny_bundle, capsys):
+    assert B.main([str(tiny_bundle), "--gen-len", "0"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert B.main([str(tiny_bundle), "--engine", "fast", "--device", "cpu"]) == 2

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+from gemma4_coreai.config import FULL, SLIDING, ModelConfig, from_hf_config, load_config, preset
+from gemma4_coreai.errors import Gemma4Error
+
+
+def test_e4b_layers():
+    cfg = preset("e4b")
+    full = [s.index for s in cfg.layers if s.kind == FULL]
+    assert full == [5, 11, 17, 23, 29, 35, 41]
+    assert cfg.first_shared_layer == 24 and cfg.num_kv_slots == 24
+    for s in cfg.layers[24:]:
+        assert not s.owns_kv
+        assert s.kv_source == (22 if s.kind == SLIDING else 23)
+    assert cfg.layers[5].head_dim == 512 and cfg.layers[5].rope_angles == 64
+    assert cfg.layers[0].head_dim == 256 and cfg.layers[0].rope_angles == 128
+    assert cfg.variant == "e4b"
+
+
+def test_e2b_double_wide():
+    cfg = preset("e2b")
+    assert cfg.variant == "e2b"
+    assert cfg.layers[0].intermediate_size == 6144
+    assert cfg.layers[cfg.first_shared_layer].intermediate_size == 12288
+
+
+def test_tiny_covers_every_feature():
+    cfg = preset("tiny")
+    kinds = {(s.kind, s.owns_kv) for s in cfg.layers}
+    assert kinds == {(SLIDING, True), (FULL, True), (SLIDING, False), (FULL, False)}
+    assert cfg.head_dim != cfg.global_head_dim
+
+
+@pytest.mark.parametrize("shape", ["tiny", "e2b", "e4b"])
+def test_hf_roundtrip(shape):
+    cfg = preset(shape)
+    text = cfg.to_hf_text_config()
+    assert from_hf_config(text) == cfg
+    hub = {"model_type": "gemma4", "text_config": text, "vision_config": None}
+    assert from_hf_config(hub) == cfg
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("patch, msg", [
+    ({"enable_moe_block": True}, "x.json: field 'enable_moe_block' is true: MoE models are out of scope"),
+    ({"num_experts": 8}, "x.json: field 'num_experts' is set: MoE models are out of scope"),
+    ({"attention_k_eq_v": True},
+     "x.json: field 'attention_k_eq_v' is true: K=V attention (the 26B/31B models) is out of scope"),
+    ({"use_bidirectional_attention": "all"},
+     "x.json: field 'use_bidirectional_attention' is 'all': only causal attention is supported"),
+    ({"model_type": "llama"},
+     "x.json: field 'model_type' is 'llama': not a Gemma 4 model (expected 'gemma4' or 'gemma4_text')"),
+    ({"hidden_size": 100},
+     "x.json: field 'hidden_size' is 100: q4_0 needs every linear input dimension to be a multiple of 32"),
+])
+def test_refusals(patch, msg):
+    raw = preset("tiny").to_hf_text_config() | patch
+    with pytest.raises(Gemma4Error) as e:
+        from_hf_config(raw, source="x.json")
+    assert str(e.value) == msg
+
+
+def test_refusal_names_nested_field():
+    raw = {"model_type": "gemma4", "text_config": preset("tiny").to_hf_text_config() | {"attention_k_eq_v": True}}
+    with pytest.raises(Gemma4Error, match="field 'text_config.attention_k_eq_v' is true"):
+        from_hf_config(raw)
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(Gemma4Error, match="config.json not found"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(Gemma4Error, match="not valid JSON"):
+        load_config(tmp_path)
+
+
+def test_unknown_shape():
+    with pytest.raises(Gemma4Error, match="unknown shape 'e9b'"):
+        preset("e9b")
+
+
+def test_required_names():
+    cfg = preset("tiny")
+    lin, norms, opt = cfg.linear_shapes(), cfg.norm_shapes(), cfg.optional_shared_kv_names()
+    assert "layers.5.self_attn.k_proj.weight" not in lin and "layers.5.self_attn.k_proj.weight" in opt
+    assert "layers.4.self_attn.k_proj.weight" in lin
+    assert lin["layers.2.self_attn.q_proj.weight"] == (4 * 64, 128)
+    assert norms["layers.0.layer_scalar"] == (1,)

@@ -1,0 +1,146 @@
+"""Generation logic: chat formatting, sampling, stop tokens, channels, streaming detokenization."""
+
+import pytest
+import torch
+
+from gemma4_coreai.errors import Gemma4Error
+from gemma4_coreai.generate import (
+    CHANNEL_CLOSE,
+    CHANNEL_OPEN,
+    EOS,
+    TURN_CLOSE,
+    GenerationResult,
+    SamplingParams,
+    Sampler,
+    StreamDetokenizer,
+    encode_chat,
+    generate,
+    render_chat,
+    stream_generate,
+)
+from gemma4_coreai.synth import build_tokenizer, chat_template
+
+V = 512
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+class ScriptedBackend:
+    """Emits a fixed token script (one-hot logits), recording what it was fed."""
+
+    def __init__(self, script, max_context=64):
+        self.script = list(script)
+        self.max_context = max_context
+        self.fed: list[int] = []
+
+    def _logits(self):
+        i = len(self.fed) - self.prompt_len
+        t = torch.full((V,), -10.0)
+        t[self.script[min(i, len(self.script) - 1)]] = 10.0
+        return t
+
+    def reset(self):
+        self.fed = []
+
+    def prefill(self, ids):
+        self.prompt_len = len(ids)
+        self.fed = list(ids)
+        return self._logits()
+
+    def decode(self, token):
+        self.fed.append(token)
+        return self._logits()
+
+
+def test_chat_prompt_is_exact_gemma4_format(tok):
+    tpl = chat_template()
+    assert render_chat(tpl, [{"role": "user", "content": "Hi"}]) == "<bos><|turn>user\nHi<turn|>\n<|turn>model\n"
+    text = render_chat(tpl, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                       enable_thinking=True)
+    assert text == "<bos><|turn>system\n<|think|>Be brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+    ids = encode_chat(tok, tpl, "Hi")
+    assert ids[:3] == [2, 105, tok.token_to_id("user")] or ids[:2] == [2, 105]
+    assert ids[-3:] == [105, tok.token_to_id("model"), 107] or ids[-1] == 107
+    assert ids.count(106) == 1 and 1 not in ids
+
+
+def test_template_cannot_escape_sandbox():
+    evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(Gemma4Error, match="chat template"):
+        render_chat(evil, [{"role": "user", "content": "x"}])
+
+
+def test_stream_detokenizer_matches_full_decode_and_holds_utf8_tail(tok):
+    text = "Hello wörld — naïve café 🌊 done.\nNext line"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    det = StreamDetokenizer(tok)
+    pieces = [det.add(t) for t in ids]
+    pieces.append(det.flush())
+    assert "".join(pieces) == tok.decode(ids) == text
+    # The wave emoji is 4 bytes of byte-fallback tokens: no partial piece may carry U+FFFD.
+    assert all("\ufffd" not in p for p in pieces)
+    assert any(p == "" for p in pieces)  # some bytes were held back
+
+
+def test_stop_tokens_and_result(tok):
+    hello = tok.encode("the sea", add_special_tokens=False).ids
+    be = ScriptedBackend(hello + [TURN_CLOSE, 7, 7])
+    res = generate(be, tok, [2, 105, 107], max_new_tokens=20)
+    assert res.finish_reason == "stop"
+    assert res.tokens == hello
+    assert res.text == "the sea"
+    assert be.fed[-1] == hello[-1]  # the stop token is never fed back
+
+    be = ScriptedBackend(hello + [EOS])
+    assert generate(be, tok, [2], max_new_tokens=20).finish_reason == "stop"
+    be = ScriptedBackend(hello + [TURN_CLOSE])
+    res = generate(be, tok, [2], max_new_tokens=2)
+    assert res.finish_reason == "length" and len(res.tokens) == 2
+
+
+def test_thought_channel_is_separated(tok):
+    thought = tok.encode("thought\nponder waves", add_special_tokens=False).ids
+    answer = tok.encode("The sea.", add_special_tokens=False).ids
+    be = ScriptedBackend([CHANNEL_OPEN] + thought + [CHANNEL_CLOSE] + answer + [TURN_CLOSE])
+    steps = list(stream_generate(be, tok, [2], max_new_tokens=100))
+    res = steps[-1]
+    assert isinstance(res, GenerationResult)
+    assert res.thinking == "ponder waves"
+    assert res.text == "The sea."
+    streamed_thought = "".join(s.text for s in steps[:-1] if s.channel == "thought")
+    streamed_answer = "".join(s.text for s in steps[:-1] if s.channel == "answer")
+    assert streamed_thought == "ponder waves" and streamed_answer == "The sea."
+
+
+def test_context_limit(tok):
+    be = ScriptedBackend([5] * 100, max_context=10)
+    res = generate(be, tok, [2, 3, 4], max_new_tokens=50)
+    assert res.finish_reason == "context" and len(res.tokens) == 7
+    with pytest.raises(Gemma4Error, match="prompt is 10 tokens; the bundle's max context is 10"):
+        generate(be, tok, list(range(10)), max_new_tokens=5)
+    with pytest.raises(Gemma4Error, match="token id 600 is out of range for the vocabulary of 512"):
+        generate(be, tok, [2, 600], max_new_tokens=5, vocab_size=V)
+
+
+def test_sampler_greedy_topk_topp_seed():
+    logits = torch.tensor([0.0, 3.0, 2.9, -5.0, 1.0])
+    assert Sampler(SamplingParams(greedy=True))(logits) == 1
+    draws = [Sampler(SamplingParams(seed=s, top_k=2))(logits) for s in range(40)]
+    assert set(draws) == {1, 2}
+    draws = [Sampler(SamplingParams(seed=s, top_p=0.4))(logits) for s in range(40)]
+    assert set(draws) == {1}  # top token alone already exceeds 0.4 of the mass
+    a = [Sampler(SamplingParams(seed=7, temperature=2.0))(logits) for _ in range(5)]
+    b = [Sampler(SamplingParams(seed=7, temperature=2.0))(logits) for _ in range(5)]
+    assert a == b
+
+
+def test_sampling_defaults_from_generation_config():
+    gen = {"do_sample": True, "temperature": 1.0, "top_k": 64, "top_p": 0.95}
+    p = SamplingParams.from_generation_config(gen)
+    assert (p.greedy, p.top_k, p.top_p) == (False, 64, 0.95)
+    assert SamplingParams.from_generation_config(gen, greedy=True).greedy
+    with pytest.raises(Gemma4Error, match="top_p must be in"):
+        SamplingParams.from_generation_config(gen, top_p=1.5)
