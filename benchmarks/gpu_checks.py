@@ -67,7 +67,8 @@ def main() -> int:
               f"{r['triton_GBps']:>7.0f} {100 * r['triton_GBps'] * 1e9 / bw:>5.0f}% {tg:>11} "
               f"{r['bf16_cublas_us']:>8.1f} {r['rel_err']:>8.1e}")
     print(f"per-token linears (sum over E4B, kernel time only): triton {total['triton'] / 1e3:.3f} ms, tinygemm "
-          f"{total['tinygemm'] / 1e3:.3f} ms, bf16 cuBLAS {total['bf16'] / 1e3:.3f} ms; bytes {total['bytes'] / 1e9:.3f}"
+          f"{total['tinygemm'] / 1e3:.3f} ms, bf16 cuBLAS {total['bf16'] / 1e3:.3f} ms; "
+          f"bytes {total['bytes'] / 1e9:.3f}"
           f" GB -> floor {total['bytes'] / bw * 1e3:.3f} ms at {bw / 1e9:.0f} GB/s copy")
     return 0
 

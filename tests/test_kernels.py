@@ -93,23 +93,27 @@ def test_triton_dequant_exact(n, k):
 @pytest.mark.cuda
 @pytest.mark.parametrize("compile", [False, True])
 def test_fast_decode_matches_stock(tiny_bundle, compile):
+    """Teacher-forced along the fp32 path's greedy tokens, the fast path's prefill and decode logits are as close
+    to the fp32 stock path as the stock bf16 path is (bf16 tolerance), and its device-side greedy loop equals
+    the host loop."""
     from gemma4_coreai.backends import TorchBackend
     from gemma4_coreai.bundle import Bundle
     from gemma4_coreai.fast import FastCudaBackend
 
     b = Bundle.open(tiny_bundle)
+    ref = TorchBackend.from_bundle(b, device="cuda", dtype="fp32", ple_mode="tbl", max_context=96)
     stock = TorchBackend.from_bundle(b, device="cuda", dtype="bf16", ple_mode="tbl", max_context=96)
     fast = FastCudaBackend.from_bundle(b, max_context=96, compile=compile)
     ids = torch.randint(3, b.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
-    for be in (stock, fast):
-        be.reset()
-    ls, lf = stock.prefill(ids), fast.prefill(ids)
-    assert rel(lf, ls) < 2e-2
-    tok = int(ls.argmax())
-    for _ in range(30):  # crosses the sliding window (16) and a KV bucket boundary is not needed here
-        ls, lf = stock.decode(tok), fast.decode(tok)
-        assert rel(lf, ls) < 2e-2, "fast decode logits differ from the stock bf16 path"
-        tok = int(ls.argmax())
+    lr, ls, lf = ref.prefill(ids), stock.prefill(ids), fast.prefill(ids)
+    e_stock, e_fast = [rel(ls, lr)], [rel(lf, lr)]
+    tok = int(lr.argmax())
+    for _ in range(30):  # past the sliding window (16)
+        lr, ls, lf = ref.decode(tok), stock.decode(tok), fast.decode(tok)
+        e_stock.append(rel(ls, lr))
+        e_fast.append(rel(lf, lr))
+        tok = int(lr.argmax())
+    assert max(e_fast) < max(2 * max(e_stock), 2e-2), (e_fast, e_stock)
     # device-side greedy loop == host loop
     fast.reset()
     first = int(fast.prefill(ids).argmax())

@@ -262,7 +262,8 @@ def format_table(rec: dict[str, Any]) -> str:
     if rec["results"]:
         mb = rec["results"][0]["bytes_per_decode_step"]
         lines.append(f"bytes per decode step (prompt {rec['results'][0]['prompt_len']}): "
-                     f"{mb['total'] / 1e9:.3f} GB (linears {mb['linears'] / 1e9:.3f}, KV {mb['kv_cache'] / 1e6:.1f} MB)")
+                     f"{mb['total'] / 1e9:.3f} GB (linears {mb['linears'] / 1e9:.3f}, "
+                     f"KV {mb['kv_cache'] / 1e6:.1f} MB)")
     return "\n".join(lines)
 
 

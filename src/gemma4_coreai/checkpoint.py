@@ -20,12 +20,11 @@ import shutil
 import signal
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 
 from .config import ModelConfig, load_config
@@ -422,13 +421,6 @@ class SafetensorsWriter:
     def abort(self) -> None:
         if not self.f.closed:
             self.f.close()
-
-
-def iter_chunks(t: torch.Tensor | np.ndarray, nbytes: int = 1 << 26) -> Iterator[memoryview]:
-    """Raw bytes of a tensor/array in slices (for hashing/writing big tables without a second copy)."""
-    a = t.reshape(-1).view(torch.uint8).numpy() if isinstance(t, torch.Tensor) else t.reshape(-1).view(np.uint8)
-    for i in range(0, a.size, nbytes):
-        yield memoryview(a[i:i + nbytes])
 
 
 # ---- atomic output and progress ------------------------------------------------------------------------

@@ -115,13 +115,13 @@ def tables_dir_name(name: str) -> str:
 class _ExportWeights(Mapping):
     """The bundle's tensors as Gemma4Model wants them for export: the embedding as an fp16 constant (the bundle's
     bf16 values are fp16-exact unless tinier than 2^-24 or beyond 65504) and every int4 block scale fp16-exact
-    (Core AI's int4 op takes fp16 scales)."""
+    (Core AI's int4 op takes fp16 scales). `reader`: an open safetensors handle (else the bundle's own)."""
 
-    def __init__(self, bundle: Any):
-        self._bundle = bundle
+    def __init__(self, bundle: Any, reader: Any = None):
+        self._bundle, self._reader = bundle, reader
 
     def __getitem__(self, key: str) -> Tensor:
-        t = self._bundle.tensor(key)
+        t = self._reader.get_tensor(key) if self._reader is not None else self._bundle.tensor(key)
         if key == "embed_tokens.weight":
             return t.to(torch.float16)
         if key.endswith(".scale") and t.dtype != torch.float16:
@@ -131,10 +131,10 @@ class _ExportWeights(Mapping):
         return t
 
     def __iter__(self):
-        return iter(self._bundle.names())
+        return iter(self._reader.keys() if self._reader is not None else self._bundle.names())
 
     def __len__(self) -> int:
-        return len(self._bundle.names())
+        return len(list(iter(self)))
 
 
 def coreai_linear(m: Any, x: Tensor) -> Tensor:
@@ -188,6 +188,11 @@ def build_decoder(bundle: Any, max_context: int, kv_dtype: str = "fp16") -> nn.M
     with torch.no_grad():
         model = Gemma4Model(bundle.config, _ExportWeights(bundle), dtype=torch.float32, ple_mode="provider",
                             max_context=max_context, linear_storage="int8", kv_dtype=KV_DTYPES[kv_dtype])
+    # Drop the bundle's safetensors mapping: every tensor was copied out, and the mapping's touched pages
+    # would otherwise stay in the process's RSS through conversion.
+    if hasattr(bundle, "_st"):
+        bundle._st = None
+    gc.collect()
     set_linear_fn(model, coreai_linear)
     return model.eval()
 
