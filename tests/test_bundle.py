@@ -1,6 +1,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,6 +234,35 @@ def test_inspect_bundle(tiny_bundle):
     assert info["fp32_scale_tensors"] == []
     assert info["total_bytes"] == sum(info["files"].values())
     assert math.isclose(info["lattice"]["summary"]["exact_fraction"], 1.0)
+
+
+def _mapped(path) -> bool:
+    """Whether this process maps `path` (Linux /proc; False where unavailable)."""
+    maps = Path("/proc/self/maps")
+    return maps.is_file() and str(path.resolve()) in maps.read_text()
+
+
+def test_close_drops_the_weights_mapping(tiny_bundle):
+    import gc
+
+    b = Bundle.open(tiny_bundle)
+    weights = tiny_bundle / bundle_mod.WEIGHTS
+    q, d = b.linear("layers.0.mlp.up_proj")  # d is a zero-copy view of the mapping
+    d_copy = d.clone()
+    b.close()
+    b.close()  # twice is fine
+    assert torch.equal(d, d_copy) and q.abs().max() <= 8  # tensors read before close stay valid
+    if Path("/proc/self/maps").is_file():
+        assert _mapped(weights)  # ... and keep their pages mapped until released
+    del d
+    gc.collect()
+    assert not _mapped(weights)
+    q2, d2 = b.linear("layers.0.mlp.up_proj")  # a later read reopens the file
+    assert torch.equal(q, q2) and torch.equal(d_copy, d2)
+    del d2
+    b.close()
+    gc.collect()
+    assert not _mapped(weights)
 
 
 def test_weight_specs_match_quantize_order(tiny_ckpt):

@@ -50,9 +50,9 @@ def oracle_bundle(tmp_path_factory, tiny_ckpt) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, oracle_bundle) -> Path:
-    """Both modes with an fp32 KV state (the tiny models' oracle margins are below fp16-key error; see COREAI.md)."""
+    """Both modes with the default fp16 KV state (the published contract)."""
     out = tmp_path_factory.mktemp("coreai") / "out"
-    export_coreai(oracle_bundle, out, mode="both", max_context=MAX_CTX, kv_dtype="fp32", log=lambda s: None)
+    export_coreai(oracle_bundle, out, mode="both", max_context=MAX_CTX, log=lambda s: None)
     return out
 
 
@@ -87,6 +87,7 @@ def test_layout_and_metadata(exported: Path, oracle_bundle: Path):
         g = m["gemma4"]
         assert g["ple_mode"] == mode
         assert g["states"]["k_cache"]["shape"] == [cfg.num_kv_slots, 1, cfg.num_kv_heads, MAX_CTX, cfg.max_head_dim]
+        assert g["states"]["k_cache"]["dtype"] == g["states"]["v_cache"]["dtype"] == "float16"
         assert (d / g["ple_tables"]).resolve() == (exported / "ios-frontend" / "gemma4_custom_gather_raw").resolve()
     tables = exported / "ios-frontend" / "gemma4_custom_gather_raw"
     for f in ("embed_per_layer.i8", "embed_per_layer.scale.f32"):
@@ -109,7 +110,8 @@ def test_runtime_signature(exported: Path):
     assert "Float16" in ins["ple_tokens"] and "1 × 1 × 8 × 32" in ins["ple_tokens"]
     outs = dict(s.function_outputs("main"))
     assert list(outs) == ["logits"] and "Float16" in outs["logits"] and "1 × 1 × 512" in outs["logits"]
-    assert sorted(dict(s.function_states("main"))) == ["k_cache", "v_cache"]
+    states = dict(s.function_states("main"))
+    assert sorted(states) == ["k_cache", "v_cache"] and all("Float16" in v for v in states.values())
     t = AIModelAsset.load(d / "gemma4_custom_decode_int4lin_tbl" / "gemma4_custom_decode_int4lin_tbl.aimodel")
     ins = dict(t.summary().function_inputs("main"))
     assert list(ins) == ["input_ids", "position", "ple_table", "ple_scale"]
@@ -243,12 +245,15 @@ def test_runtime_passes_oracle_and_probe(exported: Path, oracle_bundle: Path, mo
 
 @needs_coreai
 @pytest.mark.slow
-def test_fp16_kv_graph_matches_its_eager_module(tmp_path: Path, oracle_bundle: Path):
-    """The default (published-contract) fp16-KV graph computes what the same module computes eagerly."""
-    out = tmp_path / "out16"
-    export_coreai(oracle_bundle, out, mode="provider", max_context=32, log=lambda s: None)
-    r = _run_worker("eager", str(out), str(oracle_bundle))
-    assert r["state_dtype"] == "float16"
+def test_fp32_kv_option_graph_matches_its_eager_module(tmp_path: Path, oracle_bundle: Path):
+    """--kv-dtype fp32 (the option beside the fp16 default): an fp32 state, and the graph computes what the same
+    module computes eagerly."""
+    out = tmp_path / "out32"
+    export_coreai(oracle_bundle, out, mode="provider", max_context=32, kv_dtype="fp32", log=lambda s: None)
+    meta = json.loads((out / "gpu-pipelined" / "gemma4_custom_decode_int4lin" / "metadata.json").read_text())
+    assert meta["gemma4"]["states"]["k_cache"]["dtype"] == "float32"
+    r = _run_worker("eager", str(out), str(oracle_bundle), "fp32")
+    assert r["state_dtype"] == "float32"
     assert r["argmax_equal"] and r["max_abs_diff"] < 0.1, r
 
 
@@ -273,7 +278,7 @@ def _worker(argv: list[str]) -> dict:
     from gemma4_coreai.export_coreai import DecodeStep, build_decoder
 
     be = CoreAIBackend(export_dir)
-    step = DecodeStep(build_decoder(b, be.max_context, "fp16"), "provider")
+    step = DecodeStep(build_decoder(b, be.max_context, argv[3]), "provider")
     diff, same = 0.0, True
     for pos, tok in enumerate(b.oracle["prompt_ids"][:20]):
         got = be.decode(tok)

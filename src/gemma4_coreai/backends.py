@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from .config import ModelConfig
 from .errors import Gemma4Error
 from .model import LINEAR_STORAGE, PLE_MODES, Gemma4Model, dequantize_ple, gather_ple_rows
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "coreai")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 DEFAULT_MAX_CONTEXT = 4096
@@ -191,10 +192,19 @@ class _BundleTensors:
         return _as_torch(self._bundle.tensor(key))
 
 
-def load_backend(bundle: Any, backend: str = "torch", **kw: Any) -> TorchBackend:
-    """A backend by name for an opened bundle. kw: device, dtype, ple_mode, max_context, linear_storage."""
+def load_backend(bundle: Any, backend: str = "torch", *, export: str | Path | None = None, **kw: Any):
+    """A backend by name for an opened bundle. torch kw: device, dtype, ple_mode, max_context, linear_storage.
+    coreai: `export` is the export-coreai output (OUT or OUT/gpu-pipelined/<name>); kw: ple_mode."""
     if backend not in BACKENDS:
         raise Gemma4Error(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "coreai":
+        from .coreai_backend import CoreAIBackend
+
+        if export is None:
+            raise Gemma4Error("--backend coreai needs --export OUT (a directory written by export-coreai)")
+        if kw.get("device") not in (None, "cpu"):
+            raise Gemma4Error(f"--backend coreai picks its own compute unit; --device {kw['device']} is torch-only")
+        return CoreAIBackend(export, mode=kw.get("ple_mode"), tables=Path(bundle.path))
     return TorchBackend.from_bundle(bundle, **kw)
 
 

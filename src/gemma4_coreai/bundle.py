@@ -264,6 +264,12 @@ class Bundle:
             self._st = safe_open(str(self.path / WEIGHTS), framework="pt")
         return self._st
 
+    def close(self) -> None:
+        """Drop the weights file handle and its memory mapping. Tensors already read stay valid (those returned
+        as zero-copy views keep their pages mapped until they are released); a later read reopens the file.
+        Safe to call twice."""
+        self._st = None
+
     def names(self) -> list[str]:
         return list(self._weights().keys())
 

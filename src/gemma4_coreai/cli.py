@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import Gemma4Error
+from .oracle import DEFAULT_PROMPT
 
 
 def _size(path: Path) -> int:
@@ -56,8 +57,11 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .bundle import Bundle, convert
+    from .oracle import convert_hook
 
-    out = convert(args.src, args.out, force=args.force, max_context=args.max_context, progress=not args.quiet)
+    hook = None if args.no_oracle else convert_hook(n_tokens=args.oracle_tokens, prompt=args.oracle_prompt)
+    out = convert(args.src, args.out, force=args.force, max_context=args.max_context, progress=not args.quiet,
+                  oracle_hook=hook)
     b = Bundle.open(out)
     s = b.lattice.get("summary", {})
     print(f"wrote {out} ({_size(out) / 1024**3:.3f} GiB, max context {b.max_context})")
@@ -65,6 +69,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         off = s["off_lattice_tensors"]
         print(f"lattice: {100 * s['exact_fraction']:.4f}% of {s['blocks']:,} blocks exact, worst relative error "
               f"{s['worst_rel_err']:.3g}" + (f", {len(off)} off-lattice tensors (see inspect)" if off else ""))
+    if b.oracle:
+        print(f"oracle: {len(b.oracle['reference_ids'])} fp32 reference tokens stored (run `gemma4-coreai verify "
+              f"{out}`)")
     return 0
 
 
@@ -80,6 +87,13 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (only after success)")
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="context length the bundle is built for (default: min(max_position_embeddings, 4096))")
+    p.add_argument("--oracle-tokens", type=int, default=32, metavar="N",
+                   help="greedy tokens of the fp32 HF reference stored as the bundle's oracle (default 32)")
+    p.add_argument("--oracle-prompt", default=DEFAULT_PROMPT, metavar="TEXT",
+                   help=f"user prompt of the oracle, chat-formatted (default {DEFAULT_PROMPT!r})")
+    p.add_argument("--no-oracle", action="store_true",
+                   help="skip the fp32 reference (it needs ~4 bytes per parameter of RAM; skipped automatically "
+                        "when that does not fit)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_convert)
 
@@ -105,9 +119,278 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_inspect)
 
 
+# ---- shared backend options -----------------------------------------------------------------------------
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backend")
+    g.add_argument("--backend", default="torch", choices=("torch", "coreai"),
+                   help="torch (CPU/CUDA, default) or coreai (an .aimodel written by export-coreai, on the Core AI "
+                        "runtime)")
+    g.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                   help="torch device (default: cpu)")
+    g.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="torch compute dtype (default: fp32 on cpu, bf16 on cuda)")
+    g.add_argument("--ple-mode", default=None, choices=("provider", "tbl"),
+                   help="per-layer embeddings: provider = rows gathered from the memory-mapped int8 table each "
+                        "step (default on cpu); tbl = table resident on the device, gathered in-graph (default on "
+                        "cuda)")
+    g.add_argument("--export", type=Path, default=None, metavar="OUT",
+                   help="with --backend coreai: the export-coreai output directory")
+
+
+def _backend(args: argparse.Namespace, bundle):
+    from .backends import load_backend
+
+    if args.backend == "coreai":
+        return load_backend(bundle, "coreai", export=args.export, ple_mode=args.ple_mode, device=args.device)
+    return load_backend(bundle, "torch", device=args.device or "cpu", dtype=args.dtype, ple_mode=args.ple_mode)
+
+
+# ---- generate -------------------------------------------------------------------------------------------
+
+def _parse_ids(text: str) -> list[int]:
+    ids = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            ids.append(int(part))
+        except ValueError:
+            raise Gemma4Error(f"--prompt-ids: {part!r} is not an integer token id") from None
+    if not ids:
+        raise Gemma4Error("--prompt-ids: no token ids given")
+    return ids
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    from .generate import BOS, GenerationResult, SamplingParams, encode_chat, stream_generate
+
+    b = Bundle.open(args.bundle)
+    tok = b.tokenizer()
+    if args.prompt_ids is not None:
+        ids = _parse_ids(args.prompt_ids)
+    elif args.chat:
+        if not b.chat_template:
+            raise Gemma4Error(f"{b.path}: the bundle has no chat template; drop --chat or pass --prompt-ids")
+        ids = encode_chat(tok, b.chat_template, args.prompt, system=args.system, enable_thinking=args.think)
+    else:
+        ids = [BOS] + tok.encode(args.prompt, add_special_tokens=False).ids
+    sampling = SamplingParams.from_generation_config(
+        b.generation_config or {}, greedy=True if args.greedy else None, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    stop = tuple(args.stop_ids) if args.stop_ids else (106, 1)
+    backend = _backend(args, b)
+    result = None
+    in_thought = False
+    for ev in stream_generate(backend, tok, ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                              stop_ids=stop, vocab_size=b.config.vocab_size):
+        if isinstance(ev, GenerationResult):
+            result = ev
+        elif not args.json and ev.text:
+            if ev.channel == "thought":
+                if not in_thought:
+                    print("[thinking] ", end="", file=sys.stderr)
+                in_thought = True
+                print(ev.text, end="", file=sys.stderr, flush=True)
+            else:
+                if in_thought:
+                    print("\n[/thinking]", file=sys.stderr)
+                in_thought = False
+                print(ev.text, end="", flush=True)
+    assert result is not None
+    if args.json:
+        print(json.dumps({"prompt_ids": ids, **result.to_dict()}, indent=1))
+    else:
+        print()
+        print(f"[{len(result.tokens)} tokens, {result.finish_reason}; prefill {result.prompt_tokens} tokens at "
+              f"{result.prefill_tps:.1f} tok/s, decode {result.decode_tps:.1f} tok/s; "
+              f"{getattr(backend, 'describe', lambda: args.backend)()}]", file=sys.stderr)
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text from a bundle (streaming)",
+        description="Generate from a bundle, streaming text as it is decoded. --chat formats the prompt with the "
+                    "bundle's chat template (a thought channel, if the model opens one, goes to stderr). "
+                    "Sampling defaults come from the bundle's generation_config.json; --greedy overrides them.")
+    p.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory (from convert)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="prompt text")
+    src.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids, fed as is (e.g. 2,105,...)")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template (one user turn)")
+    p.add_argument("--system", metavar="TEXT", default=None, help="with --chat: a system turn first")
+    p.add_argument("--think", action="store_true", help="with --chat: ask for thinking (<|think|>)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default 256")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
+    p.add_argument("--temperature", type=float, default=None, metavar="T")
+    p.add_argument("--top-k", type=int, default=None, metavar="K")
+    p.add_argument("--top-p", type=float, default=None, metavar="P")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    p.add_argument("--stop-ids", type=int, nargs="+", default=None, metavar="ID",
+                   help="stop token ids (default: 106 <turn|> and 1 <eos>)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: token ids, text, timings")
+    _add_backend_args(p)
+    p.set_defaults(func=_cmd_generate)
+
+
+# ---- verify ---------------------------------------------------------------------------------------------
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    from .oracle import format_report, make_oracle, verify
+
+    b = Bundle.open(args.bundle)
+    if args.reference is not None:
+        from .checkpoint import Checkpoint
+
+        ckpt = Checkpoint.open(args.reference)
+        oracle = make_oracle(ckpt.path, b.tokenizer(), b.chat_template or "",
+                             n_tokens=args.tokens or 32, log=lambda m: print(m, file=sys.stderr))
+        if oracle is None:
+            raise Gemma4Error("the fp32 reference does not fit in this machine's memory (see the message above)")
+    elif b.oracle:
+        oracle = b.oracle
+    else:
+        raise Gemma4Error(f"{b.path}: the bundle holds no oracle (converted with --no-oracle or without enough "
+                          "RAM); pass --reference SRC to run the fp32 reference now")
+    backend = _backend(args, b)
+    probe = None
+    if args.probe_backend:
+        from .backends import load_backend
+
+        probe = load_backend(b, "torch", device=args.probe_backend)
+    report = verify(backend, oracle, tokens=args.tokens, probe_backend=probe)
+    report["backend"] = getattr(backend, "describe", lambda: args.backend)()
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"verify {b.path} on {report['backend']}")
+        print(format_report(report))
+    return 0 if report["passed"] else 1
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify", help="check a bundle token-exact against the fp32 HF reference",
+        description="Greedy decoding on a backend against the bundle's oracle (recorded from the fp32 Hugging "
+                    "Face reference at convert time) or against --reference SRC run now: free-running tokens and "
+                    "the teacher-forced argmax at every position must match; a mismatch where the reference's "
+                    "top-2 gap is < 0.1 is a tie (reported, not failed). A determinism probe (24 greedy tokens "
+                    "twice, or against --probe-backend) must be identical. Exit 0 only on a pass.")
+    p.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory")
+    p.add_argument("--reference", metavar="SRC", default=None,
+                   help="run the fp32 reference on this checkpoint now instead of using the stored oracle")
+    p.add_argument("--tokens", type=int, default=None, metavar="N", help="compare the first N tokens (default all)")
+    p.add_argument("--probe-backend", default=None, choices=("cpu", "cuda"),
+                   help="determinism probe against the torch backend on this device (default: a second run)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_backend_args(p)
+    p.set_defaults(func=_cmd_verify)
+
+
+# ---- demo -----------------------------------------------------------------------------------------------
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    import time
+
+    from .backends import TorchBackend
+    from .bundle import Bundle, convert
+    from .generate import GenerationResult, SamplingParams, encode_chat, stream_generate
+    from .oracle import convert_hook, verify
+    from .synth import synthesize
+
+    t0 = time.perf_counter()
+    if args.dir is not None and args.dir.exists() and not args.force:
+        raise Gemma4Error(f"{args.dir} already exists; pass --force to replace it")
+    root = args.dir or Path(tempfile.mkdtemp(prefix="gemma4-coreai-demo-"))
+    try:
+        print("gemma4-coreai demo: the weights below are SYNTHETIC (random, on the q4_0 QAT lattice), so the\n"
+              "reply is gibberish by design; every number is real.\n")
+        print("1/4 synth: a tiny Gemma 4 checkpoint (8 layers, KV sharing, sliding + full attention, PLE)")
+        ckpt = synthesize("tiny", root / "checkpoint", seed=args.seed, progress=False, force=True)
+        print("2/4 convert: q4_0 bundle + fp32 Hugging Face oracle (greedy, 32 tokens)")
+        out = convert(ckpt, root / "bundle", force=True, progress=False,
+                      oracle_hook=convert_hook(n_tokens=32, log=lambda m: None))
+        b = Bundle.open(out)
+        print("3/4 verify: torch backend on cpu against the fp32 reference, both PLE modes")
+        results = {}
+        for mode in ("provider", "tbl"):
+            rep = verify(TorchBackend.from_bundle(b, ple_mode=mode), b.oracle)
+            fr = rep["free_running"]
+            results[mode] = rep["passed"]
+            verdict = "PASS" if rep["passed"] else "FAIL"
+            print(f"    {mode:8s}: {verdict} - {fr['matched']}/{fr['tokens']} greedy tokens, "
+                  f"teacher-forced {rep['teacher_forced']['positions']} positions, max |logit err| "
+                  f"{fr['max_top1_logit_err']:.1e}, determinism {rep['determinism']['identical_tokens']}/24")
+        prompt = "Write a short poem about the sea."
+        print(f"4/4 generate: chat reply to {prompt!r} (streamed, sampled with seed {args.seed})\n")
+        ids = encode_chat(b.tokenizer(), b.chat_template, prompt)
+        sampling = SamplingParams.from_generation_config(b.generation_config or {}, seed=args.seed)
+        res = None
+        for ev in stream_generate(TorchBackend.from_bundle(b), b.tokenizer(), ids, max_new_tokens=48,
+                                  sampling=sampling, vocab_size=b.config.vocab_size):
+            if isinstance(ev, GenerationResult):
+                res = ev
+            else:
+                print(ev.text, end="", flush=True)
+        print("\n")
+        lat = b.lattice["summary"]
+        size = _size(out)
+        print("report")
+        print(f"  bundle        {out} ({size / 1024**2:.2f} MiB)")
+        print(f"  lattice       {100 * lat['exact_fraction']:.2f}% of {lat['blocks']:,} blocks reproduced exactly")
+        verdict = "PASS" if all(results.values()) else "FAIL"
+        print(f"  oracle        {verdict} (provider and tbl, token-exact vs fp32 HF)")
+        print(f"  speed (cpu)   prefill {res.prefill_tps:.0f} tok/s, decode {res.decode_tps:.0f} tok/s")
+        print(f"  total time    {time.perf_counter() - t0:.1f} s")
+        print("\nA real checkpoint (needs the weights on disk or a network, and ~30 GB RAM for the fp32 oracle):\n"
+              "  gemma4-coreai convert google/gemma-4-E4B-it-qat-q4_0-unquantized -o e4b\n"
+              "  gemma4-coreai verify e4b\n"
+              "  gemma4-coreai generate e4b --chat --prompt 'Write a short poem about the sea.'")
+        return 0 if all(results.values()) else 1
+    finally:
+        if args.dir is None and not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        elif args.dir is None:
+            print(f"(kept {root})")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="synth -> convert -> verify -> chat, on a tiny synthetic model (start here)",
+        description="The whole pipeline on an embedded tiny synthetic checkpoint, in under two minutes on two CPU "
+                    "cores: synthesize, convert (with the fp32 oracle), verify on the torch backend, stream a chat "
+                    "reply, and print a short report.")
+    p.add_argument("--dir", type=Path, default=None, metavar="DIR",
+                   help="work directory to keep (default: a temporary one, removed at the end)")
+    p.add_argument("--force", action="store_true", help="replace --dir if it exists")
+    p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and the sampling")
+    p.set_defaults(func=_cmd_demo)
+
+
+# ---- export-coreai and bench (their parsers live next to their code) --------------------------------------
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .export_coreai import add_export_parser, run_export
+
+    add_export_parser(sub).set_defaults(func=run_export)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
+
+
 # ---- main -----------------------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_synth, _add_convert, _add_inspect]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_demo, _add_synth, _add_convert, _add_inspect, _add_generate, _add_verify, _add_export, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party() -> None:
+    """torchao (pulled in by coreai-opt) logs a warning per CUDA library it can't load on CPU machines."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_third_party()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

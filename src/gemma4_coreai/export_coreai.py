@@ -1,10 +1,11 @@
 """Core AI export: the bundle's decoder as a static S=1 `.aimodel` decode graph in the published layout.
 
 Pipeline (each step one function): `require_coreai` -> `build_decoder` (the same `model.Gemma4Model` the torch
-backend runs: fp32 activations, fp16 KV cache, int8-stored linears straight from the bundle) -> `trace`
-(torch.export + Core AI decompositions + the stock-op check) -> `to_program` (coreai-torch converter) ->
-`export_mode` (save + layout, metadata, tokenizer, PLE tables), all inside one temp dir renamed to OUT only on
-success.
+backend runs: fp32 activations, fp16 KV cache, linears kept as the bundle's packed q4 bytes) -> `stage_int4` (each
+linear's int4 data becomes a storage-free int8 placeholder for the trace) -> `trace` (torch.export + Core AI
+decompositions + the stock-op check) -> `attach_int4` (the bundle's packed nibbles become the program's si4
+constants) -> `to_program` (coreai-torch converter) -> `export_mode` (save + layout, metadata, tokenizer, PLE
+tables), all inside one temp dir renamed to OUT only on success.
 
 Layout written (DESIGN.md §4, mirrors the published E4B bundle):
 
@@ -16,8 +17,10 @@ Layout written (DESIGN.md §4, mirrors the published E4B bundle):
 with <name> = gemma4_{e2b|e4b|custom}[_qat]_decode_int4lin[_tbl] and <stem> = <name> without the suffix.
 
 int4 stays on the bundle's own q4_0 lattice: every linear and the untied head is
-`torch.ops.coreai.constexpr_blockwise_shift_scale(q int8, d fp16, input_dtype=torch.int4)` on the bundle's q
-and d, so the saved asset holds exactly those values (`read_int4_constants` proves it).
+`torch.ops.coreai.constexpr_blockwise_shift_scale(q, d fp16, input_dtype=torch.int4)` on the bundle's q and d,
+so the saved asset holds exactly those values (`read_int4_constants` proves it). The bundle stores q as q+8 in
+nibbles, low nibble first; `packed ^ 0x88` is the si4 two's-complement layout of the asset, so the int4 data never
+exists unpacked (no int8 staging copy: E4B's linears would be 4.6 GB of it).
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ from .errors import Gemma4Error
 
 INSTALL_HINT = "pip install 'gemma4-coreai[coreai]'"
 MODES = ("provider", "tbl")
-# KV state dtype: fp16 is the published contract (half the state memory). fp32 keeps K/V exact: scores use
-# scale 1.0, so fp16-rounded keys move logits by ~0.3 on the tiny synthetic models (oracle margins ~0.05-0.2).
+# KV state dtype: fp16 is the published contract (half the state memory, and what the oracle tests verify);
+# fp32 is an option that keeps K/V unrounded at twice the state memory.
 KV_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 METADATA_VERSION = "0.2"
 STATE_NAMES = ("k_cache", "v_cache")
@@ -115,20 +118,25 @@ def tables_dir_name(name: str) -> str:
 class _ExportWeights(Mapping):
     """The bundle's tensors as Gemma4Model wants them for export: the embedding as an fp16 constant (the bundle's
     bf16 values are fp16-exact unless tinier than 2^-24 or beyond 65504) and every int4 block scale fp16-exact
-    (Core AI's int4 op takes fp16 scales). `reader`: an open safetensors handle (else the bundle's own)."""
+    (Core AI's int4 op takes fp16 scales). `reader`: an open safetensors handle (else the bundle's own).
+
+    The packed `.q4` bytes come back as the reader's zero-copy views of the file mapping (only read once, by
+    `attach_int4`); everything else is copied out, so once those views are released the mapping can go."""
 
     def __init__(self, bundle: Any, reader: Any = None):
         self._bundle, self._reader = bundle, reader
 
     def __getitem__(self, key: str) -> Tensor:
         t = self._reader.get_tensor(key) if self._reader is not None else self._bundle.tensor(key)
+        if key.endswith(".q4"):
+            return t
         if key == "embed_tokens.weight":
-            return t.to(torch.float16)
+            return t.to(torch.float16, copy=True)
         if key.endswith(".scale") and t.dtype != torch.float16:
             raise Gemma4Error(f"{key}: the bundle keeps this linear's block scales in {str(t.dtype)[6:]} because "
                               "they are not fp16-exact; Core AI int4 needs fp16 scales, so it cannot be exported "
                               "on the exact lattice")
-        return t
+        return t.clone()
 
     def __iter__(self):
         return iter(self._reader.keys() if self._reader is not None else self._bundle.names())
@@ -138,11 +146,12 @@ class _ExportWeights(Mapping):
 
 
 def coreai_linear(m: Any, x: Tensor) -> Tensor:
-    """Q4Linear strategy for export: Core AI's constexpr int4 weight on the module's own q and fp16 scales.
+    """Q4Linear strategy for export: Core AI's constexpr int4 weight on the module's own q and fp16 scales
+    (`int8_weight()`: the staged placeholder when traced, the unpacked q4 bytes when run eagerly).
 
     The product runs in the compute dtype (fp32): the reference runtime accumulates fp16 matmuls in fp16
     (|err| ~16 on a K=4096 dot product of magnitude 680), which would drown the oracle's margins."""
-    w = torch.ops.coreai.constexpr_blockwise_shift_scale(m.q, m.scale, input_dtype=torch.int4)
+    w = torch.ops.coreai.constexpr_blockwise_shift_scale(m.int8_weight(), m.scale, input_dtype=torch.int4)
     return F.linear(x, w.to(x.dtype))
 
 
@@ -180,21 +189,73 @@ def example_inputs(cfg: Any, mode: str) -> tuple[Tensor, ...]:
 
 
 def build_decoder(bundle: Any, max_context: int, kv_dtype: str = "fp16") -> nn.Module:
-    """Gemma4Model for export: fp32 compute, fp16 KV cache (the contract's state dtype), linears stored as int8 q
-    + fp16 d with the Core AI int4 linear_fn. Weights stay 4-bit/16-bit constants; only activations are fp32,
-    which costs a decode step nothing measurable (it is bound by reading the int4 weights)."""
+    """Gemma4Model for export: fp32 compute, fp16 KV cache (the contract's state dtype), linears stored as the
+    bundle's packed q4 bytes + fp16 d with the Core AI int4 linear_fn (runs eagerly as is; `stage_int4` readies
+    it for the trace). Weights stay 4-bit/16-bit constants; only activations are fp32, which costs a decode
+    step nothing measurable (it is bound by reading the int4 weights)."""
     from .model import Gemma4Model, set_linear_fn
 
     with torch.no_grad():
         model = Gemma4Model(bundle.config, _ExportWeights(bundle), dtype=torch.float32, ple_mode="provider",
-                            max_context=max_context, linear_storage="int8", kv_dtype=KV_DTYPES[kv_dtype])
-    # Drop the bundle's safetensors mapping: every tensor was copied out, and the mapping's touched pages
-    # would otherwise stay in the process's RSS through conversion.
-    if hasattr(bundle, "_st"):
-        bundle._st = None
-    gc.collect()
+                            max_context=max_context, linear_storage="packed", kv_dtype=KV_DTYPES[kv_dtype])
+    # Drop the bundle's file handle: the q4 views keep their pages mapped until `attach_int4` releases them.
+    bundle.close()
     set_linear_fn(model, coreai_linear)
     return model.eval()
+
+
+def stage_int4(model: nn.Module) -> dict[str, Tensor]:
+    """Swap each Q4Linear's packed `q4` buffer for an int8 [N, K] placeholder `q` without storage (a broadcast
+    zero: the trace only needs its shape and dtype) and hand back {module path + '.q': packed q4 bytes}.
+
+    Tracing then lifts every `q` as a constant input of its constexpr_blockwise_shift_scale; `attach_int4` fills
+    those constants with the packed bytes, so no unpacked int8 copy of the weights is ever made."""
+    from .model import Q4Linear
+
+    packed: dict[str, Tensor] = {}
+    for path, m in model.named_modules():
+        if not isinstance(m, Q4Linear):
+            continue
+        if m.q4 is None:
+            raise Gemma4Error(f"{m.name}: stage_int4 needs packed linear storage, found {m.storage}")
+        packed[f"{path}.q"] = m._buffers.pop("q4")
+        m.q4 = None
+        m.__dict__.pop("q", None)
+        m.register_buffer("q", torch.zeros((), dtype=torch.int8).expand(m.out_features, m.in_features))
+        m.storage = "int8"
+    return packed
+
+
+def attach_int4(ep: Any, packed: dict[str, Tensor]) -> None:
+    """Give the traced program the bundle's int4 data: each staged placeholder constant becomes coreai-torch's
+    packed si4 tensor (`IntxTensor`, what its converter stores as si4) holding `q4 ^ 0x88`.
+
+    The bundle keeps q+8 per nibble, low nibble = even column; XOR 0x88 flips bit 3 of both nibbles, giving q's
+    4-bit two's complement in the same order, which is the si4 byte layout. The placeholder's trace metadata is
+    set to int4 too, so coreai-torch's sub-byte injection (which packs int8 data) leaves it alone. Each view of
+    the bundle's mapping is dropped once converted."""
+    from coreai_torch._compression._intx import IntxTensor
+
+    targets = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs}
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    done = 0
+    for name, node in nodes.items():
+        fqn = targets.get(name)
+        if fqn not in packed:
+            continue
+        q4 = packed.pop(fqn)
+        shape = torch.Size((q4.shape[0], q4.shape[1] * 2))
+        ep.state_dict[fqn] = IntxTensor(torch.bitwise_xor(q4, 0x88).reshape(-1), shape, 4)
+        del q4
+        val = node.meta["val"]
+        with val.fake_mode:
+            node.meta["val"] = torch.empty(shape, dtype=torch.int4)
+        done += 1
+    if packed:
+        raise Gemma4Error(f"Core AI export: {len(packed)} int4 weights (e.g. {next(iter(packed))}) are not "
+                          f"constants of the traced program")
+    if not done:
+        raise Gemma4Error("Core AI export: the traced program has no int4 weights")
 
 
 # ---- trace, check, convert -----------------------------------------------------------------------------------
@@ -406,18 +467,24 @@ def _took(t0: float) -> str:
 def export_mode(bundle: Any, mode: str, root: Path, max_context: int, log: Log, kv_dtype: str = "fp16") -> Path:
     """One mode into root/gpu-pipelined/<name>/ (+ the shared tables dir). Returns the model directory.
 
-    Memory: the int8 weights live only in the traced program; once converted, the program's constants are the
-    only copy, so each stage frees the previous one's tensors before the next is built."""
+    Memory: the weights exist once on the torch side (packed int4, fp16 scales, fp16 embedding: about what the
+    asset stores) and once as MLIR constants during conversion; each stage frees the previous one's tensors
+    before the next is built."""
     cfg = bundle.config
     name = artifact_name(cfg.variant, mode, is_qat(bundle))
     model_dir = root / "gpu-pipelined" / name
     t0 = time.perf_counter()
     step = DecodeStep(build_decoder(bundle, max_context, kv_dtype), mode)
+    packed = stage_int4(step)
     log(f"[{name}] decoder built: {_took(t0)}")
     t0 = time.perf_counter()
     ep = trace(step, example_inputs(cfg, mode))
     del step  # the exported program holds the only reference to the weights now
     log(f"[{name}] traced ({len(graph_ops(ep))} distinct ops, all stock): {_took(t0)}")
+    t0 = time.perf_counter()
+    attach_int4(ep, packed)
+    gc.collect()
+    log(f"[{name}] int4 attached: {_took(t0)}")
     t0 = time.perf_counter()
     program = to_program(ep, mode)
     del ep
@@ -489,8 +556,8 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="KV cache length baked into the graph (default: the bundle's max context)")
     p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="fp16",
-                   help="KV cache state dtype: fp16 (the published contract, half the memory) or fp32 (exact keys; "
-                        "what the tiny-model oracle tests use) (default fp16)")
+                   help="KV cache state dtype: fp16 (the published contract) or fp32 (unrounded K/V, twice the "
+                        "state memory) (default fp16)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (only after success)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return p

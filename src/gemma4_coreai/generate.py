@@ -151,9 +151,10 @@ class StreamDetokenizer:
 
 @dataclass
 class Step:
-    """One streamed token: its id, the text it completed (may be empty) and the channel it belongs to."""
+    """One streamed token: its id (None for the final flush of held-back text), the text it completed (may be
+    empty) and the channel it belongs to."""
 
-    token: int
+    token: int | None
     text: str
     channel: str  # "answer" or "thought"
 
@@ -241,9 +242,16 @@ def stream_generate(backend: Backend, tokenizer, prompt_ids: Sequence[int], *, m
             break
         logits = backend.decode(token)
         token = sampler(logits)
-    res.text += answer.flush()
-    res.thinking = _strip_label(raw_thought + thought.flush())
     res.decode_s = time.perf_counter() - t1
+    # An incomplete UTF-8 tail held back at the very end is streamed as is (token None: no new token).
+    thinking = _strip_label(raw_thought + thought.flush())
+    if thinking != res.thinking:
+        yield Step(None, thinking[len(res.thinking):], "thought")
+        res.thinking = thinking
+    tail = answer.flush()
+    if tail:
+        res.text += tail
+        yield Step(None, tail, "answer")
     yield res
 
 

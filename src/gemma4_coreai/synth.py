@@ -99,6 +99,10 @@ def tensor_specs(cfg: ModelConfig, prune_shared_kv: bool = False) -> list[Spec]:
                 shape = lin.get(n) or norms.get(n) or optional[n]
                 if part == "layer_scalar":
                     specs.append(Spec(n, shape, "scalar"))
+                elif part in ("self_attn.q_norm", "self_attn.k_norm"):
+                    # Score scale is 1.0: Gemma 4 learns the 1/sqrt(d) into these norms. d^-1/4 on each side
+                    # keeps q.k at unit scale; weights near 1 would make attention one-hot and chaotic.
+                    specs.append(Spec(n, shape, "norm", gain=shape[0] ** -0.25))
                 elif len(shape) == 1:
                     specs.append(Spec(n, shape, "norm"))
                 else:

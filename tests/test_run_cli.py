@@ -1,0 +1,151 @@
+"""The run-side commands: demo, generate, verify; and their bad inputs (one line, non-zero exit)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import make_bundle
+
+from gemma4_coreai.backends import TorchBackend
+from gemma4_coreai.bundle import Bundle
+from gemma4_coreai.cli import main
+from gemma4_coreai.oracle import convert_hook
+
+
+@pytest.fixture(scope="module")
+def oracle_bundle(tmp_path_factory, tiny_ckpt):
+    return make_bundle(tmp_path_factory, tiny_ckpt, max_context=96,
+                       oracle_hook=convert_hook(n_tokens=16, log=lambda m: None))
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_demo_runs_and_passes(capsys):
+    assert main(["demo", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "SYNTHETIC" in out and "oracle        PASS" in out
+    assert "provider: PASS" in out and "tbl     : PASS" in out
+
+
+def test_demo_refuses_existing_dir(tmp_path, capsys):
+    assert main(["demo", "--dir", str(tmp_path)]) == 2
+    assert _error_line(capsys) == f"error: {tmp_path} already exists; pass --force to replace it"
+
+
+def test_generate_json_greedy_matches_backend(oracle_bundle, capsys):
+    prompt = [2, 105, 300, 301, 302, 106, 107, 105, 200, 107]
+    assert main(["generate", str(oracle_bundle), "--prompt-ids", ",".join(map(str, prompt)), "--greedy",
+                 "--max-new-tokens", "12", "--stop-ids", "0", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    be = TorchBackend.from_bundle(Bundle.open(oracle_bundle))
+    logits, want = be.prefill(prompt), []
+    for _ in range(12):
+        want.append(int(torch.argmax(logits)))
+        logits = be.decode(want[-1])
+    assert rec["tokens"] == want
+    assert rec["finish_reason"] == "length"
+    assert rec["text"] == Bundle.open(oracle_bundle).tokenizer().decode(want, skip_special_tokens=True)
+    assert rec["timings"]["decode_tok_s"] > 0
+
+
+def test_generate_chat_streams_the_same_text(oracle_bundle, capsys):
+    args = ["generate", str(oracle_bundle), "--chat", "--prompt", "Hello there", "--max-new-tokens", "10",
+            "--seed", "3"]
+    assert main(args + ["--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["prompt_ids"][:2] == [2, 105] and rec["prompt_ids"][-1] == 107
+    assert main(args) == 0
+    streamed = capsys.readouterr().out
+    assert streamed.rstrip("\n") == rec["text"].rstrip("\n")  # same seed: same sample, streamed
+
+
+def test_verify_passes_with_stored_oracle(oracle_bundle, capsys):
+    assert main(["verify", str(oracle_bundle), "--ple-mode", "tbl"]) == 0
+    out = capsys.readouterr().out
+    assert "16/16 tokens match" in out and out.strip().endswith("PASS")
+
+
+def test_verify_against_live_reference(oracle_bundle, tiny_ckpt, capsys):
+    assert main(["verify", str(oracle_bundle), "--reference", str(tiny_ckpt), "--tokens", "8", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["passed"] and rep["free_running"]["matched"] == 8
+
+
+def test_verify_fails_on_a_wrong_oracle(oracle_bundle, tmp_path, capsys):
+    """A tampered reference token (with a clear gap) must fail verification: exit 1."""
+    bad = tmp_path / "bundle"
+    shutil.copytree(oracle_bundle, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    step = max(range(16), key=lambda i: m["oracle"]["step_gaps"][i])
+    m["oracle"]["reference_ids"][step] = (m["oracle"]["reference_ids"][step] + 1) % 512
+    m["oracle"]["step_gaps"][step] = 5.0
+    (bad / "oracle.json").write_text(json.dumps(m["oracle"]))
+    m["files"]["oracle.json"]["size"] = (bad / "oracle.json").stat().st_size
+    (bad / "manifest.json").write_text(json.dumps(m))
+    assert main(["verify", str(bad)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_verify_without_oracle_says_so(tiny_bundle, capsys):
+    if Bundle.open(tiny_bundle).oracle:
+        pytest.skip("tiny_bundle carries an oracle")
+    assert main(["verify", str(tiny_bundle)]) == 2
+    assert "holds no oracle" in _error_line(capsys)
+
+
+def test_prompt_over_max_context(tmp_path_factory, tiny_ckpt, capsys):
+    small = make_bundle(tmp_path_factory, tiny_ckpt, max_context=8)
+    assert main(["generate", str(small), "--prompt-ids", ",".join(["5"] * 8)]) == 2
+    assert _error_line(capsys) == ("error: the prompt is 8 tokens; the bundle's max context is 8 (leave room for "
+                                   "at least one new token, or convert with a larger --max-context)")
+
+
+def test_token_id_out_of_range(oracle_bundle, capsys):
+    assert main(["generate", str(oracle_bundle), "--prompt-ids", "2,999999"]) == 2
+    assert _error_line(capsys) == "error: token id 999999 is out of range for the vocabulary of 512"
+    assert main(["generate", str(oracle_bundle), "--prompt-ids", "2,x"]) == 2
+    assert _error_line(capsys) == "error: --prompt-ids: 'x' is not an integer token id"
+
+
+@pytest.mark.parametrize("flag,value", [("--backend", "tensorrt"), ("--device", "tpu")])
+def test_unknown_backend_or_device(oracle_bundle, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(oracle_bundle), "--prompt", "hi", flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_gpu(oracle_bundle, capsys):
+    assert main(["generate", str(oracle_bundle), "--prompt", "hi", "--device", "cuda"]) == 2
+    assert _error_line(capsys).startswith("error: device 'cuda' requested but no CUDA GPU is available")
+
+
+def test_coreai_backend_needs_export(oracle_bundle, capsys):
+    assert main(["generate", str(oracle_bundle), "--prompt", "hi", "--backend", "coreai"]) == 2
+    line = _error_line(capsys)
+    assert "coreai" in line and ("--export OUT" in line or "pip install" in line)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_bundle_with_bad_table(oracle_bundle, tmp_path, capsys, damage):
+    bad = tmp_path / "bundle"
+    shutil.copytree(oracle_bundle, bad)
+    table = bad / "embed_per_layer.i8"
+    if damage == "missing":
+        table.unlink()
+        want = f"error: {table}: missing (listed in manifest.json)"
+    else:
+        size = table.stat().st_size
+        with open(table, "r+b") as f:
+            f.truncate(size - 100)
+        want = f"error: {table}: truncated or wrong size ({size - 100} bytes, manifest says {size})"
+    assert main(["generate", str(bad), "--prompt", "hi"]) == 2
+    assert _error_line(capsys) == want
