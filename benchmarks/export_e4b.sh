@@ -5,7 +5,7 @@
 #
 # BUNDLE: an E4B bundle (e.g. `gemma4-coreai synth --shape e4b` + `gemma4-coreai convert`); MODE provider|tbl|both
 # (default provider); MAX_CONTEXT default 4096. Writes OUT and OUT.time (GNU time -v) next to it. PYTHON picks the
-# interpreter (default: python). Results so far: benchmarks/RESULTS-coreai.md.
+# interpreter (default: python). Results: benchmarks/RESULTS.md (Core AI export section).
 set -euo pipefail
 BUNDLE=${1:?usage: export_e4b.sh BUNDLE OUT [MODE] [MAX_CONTEXT]}
 OUT=${2:?usage: export_e4b.sh BUNDLE OUT [MODE] [MAX_CONTEXT]}
