@@ -8,6 +8,7 @@ rule) on CUDA."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -143,3 +144,106 @@ def test_fast_oracle_margin_rule(name):
     inner = tm.backend(ref, device="cuda", dtype="bf16", ple_mode="tbl", linear_storage="packed")
     got, got_logits = tm.greedy(FastCudaBackend(inner, compile=True), ids)
     tm.assert_greedy_agrees(got, want, want_logits, tm.HALF_TIE_GAP)
+
+
+# ---- the fast path's KV-cache write under torch.compile (CPU inductor: the same functionalization and
+# ---- reinplacing passes as on CUDA, only the code generator differs) -----------------------------------------
+
+def cache_copies(code: str, cache: torch.Tensor) -> list[str]:
+    """Buffers of the cache's shape that inductor's generated code allocates (a functional copy of the cache)."""
+    shape = ", ".join(map(str, cache.shape))
+    return [line.strip() for line in code.splitlines() if re.search(rf"empty_strided\w*\(\({shape}\)", line)]
+
+
+def compiled_decode(model):
+    """The fast path's compiled step (fast.FastCudaBackend._step: kv_len a dynamic int), on any device."""
+    return torch.compile(lambda ids, pos, n: model(ids, pos, kv_len=n)[0, -1], fullgraph=True, dynamic=True)
+
+
+@pytest.mark.parametrize("strategy", ["stock", "fast"])
+def test_kv_write_in_place_under_inductor(strategy):
+    """The stock KV write (slice view + index_copy_: what Core AI export needs) makes inductor allocate and fill a
+    whole new cache per owning layer (~20 GB per E4B token: NOTES.md); the fast path's `scatter_kv_write` writes
+    into the cache buffer itself (checked here together with `stack_projections`: the fast path's whole model
+    transform compiles with fullgraph). Both compute the same function: eager logits and caches are
+    bit-identical, and the compiled step tracks eager within fp32 fusion rounding."""
+    from hf_reference import build_reference, mini
+    from torch._inductor.utils import run_and_get_code
+
+    from gemma4_coreai.fast import scatter_kv_write, stack_projections
+    from gemma4_coreai.model import Gemma4Model, set_kv_write
+
+    ref = build_reference(mini())
+    ctx = 24
+
+    def make(fast=False):
+        m = Gemma4Model(ref.cfg, ref.weights, ple_mode="tbl", max_context=ctx, linear_storage="packed",
+                        ple_table=ref.ple_table, ple_scale=ref.ple_scale).eval()
+        if fast:
+            stack_projections(m)
+            set_kv_write(m, scatter_kv_write)
+        return m
+
+    fast = strategy == "fast"
+    stock, swapped, compiled = make(), make(fast), make(fast)
+    step = compiled_decode(compiled)
+    toks = torch.randint(3, ref.cfg.vocab_size, (10,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.inference_mode():
+        # A 3-token prefill (S > 1 writes several positions), then S=1 steps past the sliding window (4).
+        ids = torch.tensor([toks[:3]])
+        assert torch.equal(stock(ids, torch.tensor(0), kv_len=ctx), swapped(ids, torch.tensor(0), kv_len=ctx))
+        compiled(ids, torch.tensor(0), kv_len=ctx)
+        for p, t in enumerate(toks[3:], 3):
+            ids, pos = torch.tensor([[t]]), torch.tensor(p)
+            want = stock(ids, pos, kv_len=ctx)[0, -1]
+            assert torch.equal(swapped(ids, pos, kv_len=ctx)[0, -1], want)
+            if p == 3:
+                got, code = run_and_get_code(step, ids, pos, ctx)
+                code = "\n".join(code)
+            else:
+                got = step(ids, pos, ctx)
+            assert float((got - want).abs().max()) <= 1e-4
+    assert torch.equal(stock.k_cache, swapped.k_cache) and torch.equal(stock.v_cache, swapped.v_cache)
+    assert torch.allclose(compiled.k_cache, stock.k_cache, atol=1e-5)
+    assert torch.allclose(compiled.v_cache, stock.v_cache, atol=1e-5)
+    big = cache_copies(code, compiled.k_cache)
+    owning = sum(spec.owns_kv for spec in ref.cfg.layers)
+    if fast:
+        assert big == [], big
+        # one GEMM per stacked group: q/k/v -> 1 on owning layers, gate/up -> 1 everywhere
+        linears = sum(1 for _ in make().q4_linears())
+        assert code.count("extern_kernels.mm(") == linears - 2 * owning - ref.cfg.num_layers
+    else:
+        assert big, "expected the stock write to copy the cache"  # documents why the fast path swaps the write
+
+
+@pytest.mark.parametrize("name", ["tiny", "e2b_like", "heterogeneous"])
+def test_stack_projections_exact_and_shares_memory(name):
+    """Stacked q/k/v and gate/up (stock dequant strategy, fp32): prefill and decode logits bit-identical to the
+    separate products, one linear call per group, and no new weight memory (the originals become views)."""
+    from hf_reference import CONFIGS, build_reference
+
+    from gemma4_coreai.fast import stack_projections
+    from gemma4_coreai.model import Gemma4Model, dequant_linear, gather_ple_rows, set_linear_fn
+
+    ref = build_reference(CONFIGS[name]())
+    cfg = ref.cfg
+    ids = torch.randint(3, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    rows = gather_ple_rows(ref.ple_table, ref.ple_scale, ids, cfg.ple_dim)
+    a, b = (Gemma4Model(cfg, ref.weights, max_context=32, linear_storage="packed") for _ in range(2))
+
+    def weight_bytes(m):
+        return sum(s.nbytes() for s in {t.untyped_storage().data_ptr(): t.untyped_storage() for t in m.buffers()}
+                   .values())
+
+    before = weight_bytes(b)
+    stack_projections(b)
+    assert weight_bytes(b) == before
+    calls = []
+    set_linear_fn(b, lambda mod, x: calls.append(mod.name) or dequant_linear(mod, x))
+    with torch.no_grad():
+        assert torch.equal(a(ids, torch.tensor(0), rows), b(ids, torch.tensor(0), rows))
+        assert torch.equal(a(ids[:, :1], torch.tensor(20), rows[:, :1]), b(ids[:, :1], torch.tensor(20), rows[:, :1]))
+    # per forward: PLE model projection + lm_head, and per layer q(kv) + o + gate/up + down + the two PLE ones
+    assert len(calls) == 2 * (2 + 6 * cfg.num_layers)
+    assert "layers.0.self_attn.stacked_proj" in calls and "layers.0.mlp.stacked_proj" in calls

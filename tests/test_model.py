@@ -123,6 +123,39 @@ def test_prefill_in_chunks_equals_one_batch() -> None:
     assert float((one - two).abs().max()) <= 1e-4
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefill_runs_kv_shared_layers_on_last_position_only(name: str) -> None:
+    """A last-position-only prefill runs the KV-shared layers (which write no K/V) on the last position alone;
+    forward_all runs them on every position. The KV cache is bit-identical either way; the last logits agree to
+    fp32 rounding (BLAS sums an M=1 product in another order than an M=S one: that difference was already there
+    from slicing before lm_head, and it is all there is with no shared layers)."""
+    ref = reference(name)
+    ids = prompt(ref)
+    cut = ref.cfg.first_shared_layer
+    seen: dict[str, int] = {}
+
+    def spy(mod: Q4Linear, x: torch.Tensor) -> torch.Tensor:
+        seen[mod.name] = x.shape[1]
+        return dequant_linear(mod, x)
+
+    full, last = backend(ref), backend(ref)
+    set_linear_fn(full.model, spy)
+    every = full.forward_all(ids)
+    assert every.shape == (PROMPT_LEN, ref.cfg.vocab_size)
+    assert seen[f"layers.{ref.cfg.num_layers - 1}.mlp.down_proj"] == PROMPT_LEN
+    seen.clear()
+    set_linear_fn(last.model, spy)
+    one = last.prefill(ids)
+    rows = {i: seen[f"layers.{i}.mlp.down_proj"] for i in range(ref.cfg.num_layers)}
+    assert rows == {i: PROMPT_LEN if i < cut else 1 for i in rows}
+    assert seen["lm_head"] == 1
+    assert torch.equal(full.model.k_cache, last.model.k_cache) and torch.equal(full.model.v_cache, last.model.v_cache)
+    assert float((one - every[-1]).abs().max()) <= 1e-4
+    assert int(one.argmax()) == int(every[-1].argmax())
+    # decoding on from the sliced prefill matches decoding on from forward_all
+    assert torch.equal(full.decode(int(one.argmax())), last.decode(int(one.argmax())))
+
+
 # ---- storage modes and linear strategies ------------------------------------------------------------------
 
 def test_linear_storage_modes_and_swapped_strategy() -> None:

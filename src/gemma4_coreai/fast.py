@@ -1,5 +1,6 @@
 """The fast CUDA path: model.py's Gemma4Model with strategies plugged in, not a second copy of the math.
 
+- Load-time transform (`stack_projections`): q/k/v and gate/up stacked into one packed linear per group.
 - Linear strategy (`fast_linear`): one token -> the Triton int4 GEMV (`torch.ops.gemma4.q4_gemv`, weights
   streamed once from the bundle's packed q4_0); several tokens (prefill) -> dequantize to bf16 with a Triton
   kernel, then a tensor-core GEMM (cuBLAS through F.linear).
@@ -9,13 +10,16 @@
   synchronises once.
 - PLE in tbl mode: the int8 table is a resident buffer gathered in the graph (provider mode copies the host
   row into a static buffer before each replay).
-- KV cache: model.py's unified buffers, allocated once for `max_context`.
+- KV cache: model.py's unified buffers, allocated once for `max_context`, written by `scatter_kv_write` (one
+  index_put_ on the whole buffer, which inductor keeps in place and fuses into the kernel producing K/V; the
+  stock slice-view `index_copy_` costs a copy of the whole cache per layer under torch.compile).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import types
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from . import kernels  # noqa: F401  (registers torch.ops.gemma4.*)
 from .backends import TorchBackend
 from .errors import Gemma4Error
-from .model import Q4Linear, dequantize_ple, set_linear_fn
+from .model import Gemma4Model, Q4Linear, dequantize_ple, set_kv_write, set_linear_fn
 
 KV_BUCKET = 512
 PREFILL_CHUNK = 2048  # tokens per batched prefill forward (bounds the attention scores' memory)
@@ -41,13 +45,59 @@ def fast_linear(m: Q4Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def scatter_kv_write(cache: torch.Tensor, slot: int, positions: torch.Tensor, kv: torch.Tensor) -> None:
+    """KV-write strategy for the fast path: kv [1, kv_heads, S, hd] -> cache[slot, 0, :, positions, :hd] as one
+    index_put_ on the cache itself (every index a broadcast tensor, no view of the cache). torch.compile turns
+    it into a scatter into the cache buffer, fused with the K/V producer; a write through a view (model.py's
+    `index_copy_kv_write`) is functionalized into a fresh copy of the whole cache instead. Not for Core AI export
+    (its runtime crashes on a rank-broadcast index_put)."""
+    _, h, s, d = kv.shape
+    p = positions.long()
+    idx = (p.new_full((1, 1, 1), slot), p.new_zeros((1, 1, 1)), torch.arange(h, device=p.device).view(h, 1, 1),
+           p.view(1, s, 1), torch.arange(d, device=p.device).view(1, 1, d))
+    cache.index_put_(idx, kv[0].to(cache.dtype))
+
+
+def stack_projections(model: Gemma4Model) -> None:
+    """Load-time transform: the projections that read one input (q/k/v on KV-owning layers, gate/up) become one
+    packed Q4Linear each, rows stacked, so a decode step runs one GEMV per group instead of three or two. The
+    layer's `projections` then splits the stacked product; model.py's math is untouched. The original modules
+    keep their weights as views of the stacked buffers (no extra memory). Needs packed storage."""
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.owns_kv:
+            _stack(attn, (attn.q_proj, attn.k_proj, attn.v_proj))
+        _stack(mlp, (mlp.gate_proj, mlp.up_proj))
+
+
+def _stacked_projections(self: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return self.stacked_proj(x).split(self.stacked_proj.split_sizes, dim=-1)
+
+
+def _stack(parent: torch.nn.Module, parts: Sequence[Q4Linear]) -> None:
+    if any(p.q4 is None for p in parts):
+        raise Gemma4Error("stack_projections needs packed linear storage")
+    scale_dtype = torch.float32 if any(p.scale.dtype == torch.float32 for p in parts) else parts[0].scale.dtype
+    stacked = Q4Linear(parts[0].name.rsplit(".", 1)[0] + ".stacked_proj", torch.cat([p.q4 for p in parts]),
+                       torch.cat([p.scale.to(scale_dtype) for p in parts]), "packed", torch.float32,
+                       parts[0].q4.device)
+    stacked.split_sizes = [p.out_features for p in parts]
+    row = 0
+    for p in parts:
+        p.q4, p.scale = stacked.q4[row:row + p.out_features], stacked.scale[row:row + p.out_features]
+        row += p.out_features
+    parent.stacked_proj = stacked
+    parent.projections = types.MethodType(_stacked_projections, parent)
+
+
 class FastCudaBackend:
     """Same API as TorchBackend (`prefill`, `decode`, `reset`, `max_context`, `position`) plus `greedy(n)`."""
 
     name = "fast"
 
-    def __init__(self, inner: TorchBackend, *, compile: bool = True, cuda_graph: bool = True):
-        """Wrap a TorchBackend built on CUDA in bf16 with linear_storage='packed' (see `from_bundle`)."""
+    def __init__(self, inner: TorchBackend, *, compile: bool = True, cuda_graph: bool = True, stack: bool = True):
+        """Wrap a TorchBackend built on CUDA in bf16 with linear_storage='packed' (see `from_bundle`); `stack`:
+        apply `stack_projections` (one GEMV for q/k/v, one for gate/up)."""
         if inner.device.type != "cuda" or inner.model.lm_head.storage != "packed":
             raise Gemma4Error("the fast path needs a CUDA torch backend with packed int4 linears")
         self.inner = inner
@@ -58,7 +108,10 @@ class FastCudaBackend:
         for _, lin in self.model.q4_linears():
             lin.q4 = lin.q4.contiguous()
             lin.scale = lin.scale.contiguous()
+        if stack:
+            stack_projections(self.model)
         set_linear_fn(self.model, fast_linear)
+        set_kv_write(self.model, scatter_kv_write)
         self.use_compile, self.use_graph = compile, cuda_graph
         dev = self.device
         self._ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -80,12 +133,13 @@ class FastCudaBackend:
 
     @classmethod
     def from_bundle(cls, bundle: Any, *, max_context: int | None = None, ple_mode: str = "tbl",
-                    device: str = "cuda", compile: bool = True, cuda_graph: bool = True) -> FastCudaBackend:
+                    device: str = "cuda", compile: bool = True, cuda_graph: bool = True,
+                    stack: bool = True) -> FastCudaBackend:
         if not torch.cuda.is_available():
             raise Gemma4Error("the fast path needs a CUDA GPU (use the stock torch backend on CPU)")
         inner = TorchBackend.from_bundle(bundle, device=device, dtype=torch.bfloat16, ple_mode=ple_mode,
                                          max_context=max_context or bundle.max_context, linear_storage="packed")
-        return cls(inner, compile=compile, cuda_graph=cuda_graph)
+        return cls(inner, compile=compile, cuda_graph=cuda_graph, stack=stack)
 
     # -- the decode step (what the graph captures) --
     def _step(self, ids: torch.Tensor, pos: torch.Tensor, ple: torch.Tensor | None, kv_len: int) -> torch.Tensor:

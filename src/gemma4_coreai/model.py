@@ -1,8 +1,9 @@
 """The Gemma 4 text decoder as one plain torch module (gpt-fast style), reading bundle-format weights.
 
 This is the only copy of the model math (DESIGN.md §2). The torch backend runs it eagerly on CPU/CUDA, the
-Core AI export traces it (`torch.export`, static S=1 decode) and the CUDA fast path swaps the linear kernel
-(see `Q4Linear`). To stay traceable, a step has no data-dependent Python control flow: positions, masks and
+Core AI export traces it (`torch.export`, static S=1 decode) and the CUDA fast path swaps strategies in: the
+linear kernel (`Q4Linear.linear_fn`), the KV-cache write (`Attention.kv_write`) and stacked projections (the
+layers' `projections`). To stay traceable, a step has no data-dependent Python control flow: positions, masks and
 KV-cache writes are tensor ops on `start_pos`.
 
 Shapes: batch is always 1. `input_ids` [1, S]; the KV cache is one unified pair of buffers
@@ -185,6 +186,29 @@ def set_linear_fn(model: nn.Module, fn: LinearFn | None) -> None:
                 m.linear_fn = fn
 
 
+# ---- the KV-cache write: the one place that knows how K/V land in the cache -----------------------------
+
+KVWrite = Callable[[Tensor, int, Tensor, Tensor], None]
+
+
+def index_copy_kv_write(cache: Tensor, slot: int, positions: Tensor, kv: Tensor) -> None:
+    """Stock strategy: kv [1, kv_heads, S, hd] -> cache[slot, :, :, positions, :hd] through a slice view and
+    `index_copy_`. The export-safe pattern (a rank-broadcast index_put crashes the Core AI runtime); under
+    torch.compile, though, inductor functionalizes a write into a view as a copy of the whole cache. The cast is
+    a no-op unless the cache is narrower than the compute dtype (Core AI export: fp16 cache)."""
+    cache[slot][..., :kv.shape[-1]].index_copy_(2, positions, kv.to(cache.dtype))
+
+
+def set_kv_write(model: nn.Module, fn: KVWrite | None) -> None:
+    """Use `fn(cache, slot, positions, kv)` for every KV-cache write in `model` (None restores the default)."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            if fn is None:
+                m.__dict__.pop("kv_write", None)
+            else:
+                m.kv_write = fn
+
+
 # ---- modules ------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
@@ -226,6 +250,11 @@ def _tensor(weights: Mapping[str, Tensor], key: str) -> Tensor:
 
 
 class Attention(nn.Module):
+    """`kv_write(cache, slot, positions, kv)` stores this step's K/V; the class default is `index_copy_kv_write`,
+    swapped per instance with `set_kv_write` (the CUDA fast path writes with an in-place scatter)."""
+
+    kv_write: KVWrite = staticmethod(index_copy_kv_write)
+
     def __init__(self, spec: LayerSpec, b: _Builder):
         super().__init__()
         p = f"layers.{spec.index}.self_attn."
@@ -241,16 +270,23 @@ class Attention(nn.Module):
             self.k_norm = b.norm(p + "k_norm.weight")
             self.v_norm = b.norm(None)
 
+    def projections(self, x: Tensor) -> tuple[Tensor, ...]:
+        """(q, k, v) = x @ W.T per projection, or (q,) on a KV-shared layer (the fast path stacks the weights
+        into one product: fast.stack_projections)."""
+        if self.owns_kv:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return (self.q_proj(x),)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor, positions: Tensor,
                 k_cache: Tensor, v_cache: Tensor, kv_len: int | None) -> Tensor:
         s, hd = x.shape[1], self.head_dim
-        q = apply_rope(self.q_norm(self.q_proj(x).view(1, s, -1, hd)), cos, sin).transpose(1, 2)
+        proj = self.projections(x)
+        q = apply_rope(self.q_norm(proj[0].view(1, s, -1, hd)), cos, sin).transpose(1, 2)
         if self.owns_kv:
-            k = apply_rope(self.k_norm(self.k_proj(x).view(1, s, -1, hd)), cos, sin).transpose(1, 2)
-            v = self.v_norm(self.v_proj(x).view(1, s, -1, hd)).transpose(1, 2)
-            # .to() is a no-op unless the cache is narrower than the compute dtype (Core AI export: fp16 cache).
-            k_cache[self.slot][..., :hd].index_copy_(2, positions, k.to(k_cache.dtype))
-            v_cache[self.slot][..., :hd].index_copy_(2, positions, v.to(v_cache.dtype))
+            k = apply_rope(self.k_norm(proj[1].view(1, s, -1, hd)), cos, sin).transpose(1, 2)
+            v = self.v_norm(proj[2].view(1, s, -1, hd)).transpose(1, 2)
+            self.kv_write(k_cache, self.slot, positions, k)
+            self.kv_write(v_cache, self.slot, positions, v)
         keys = k_cache[self.slot][:, :, :kv_len, :hd].to(q.dtype)
         values = v_cache[self.slot][:, :, :kv_len, :hd].to(q.dtype)
         out = attention(q, keys, values, allowed)
@@ -265,8 +301,13 @@ class MLP(nn.Module):
         self.up_proj = b.linear(p + "up_proj.weight")
         self.down_proj = b.linear(p + "down_proj.weight")
 
+    def projections(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(gate, up) = x @ W.T per projection (stacked into one product on the fast path)."""
+        return self.gate_proj(x), self.up_proj(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = self.projections(x)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class DecoderLayer(nn.Module):
@@ -380,7 +421,8 @@ class Gemma4Model(nn.Module):
 
         Writes this step's K/V at positions start_pos .. start_pos+S-1. `kv_len` (a Python int >= start_pos+S)
         limits attention to the first kv_len cache entries (eager speed-up; None = the whole cache, as traced);
-        `last_only` returns only the last position's logits ([1, 1, V])."""
+        `last_only` returns only the last position's logits ([1, 1, V]), and then the KV-shared layers (which
+        write no K/V, so nothing later needs their other positions) run on the last position only."""
         cfg, dt = self.cfg, self.compute_dtype
         s = input_ids.shape[1]
         positions = start_pos.reshape(1).long() + torch.arange(s, device=input_ids.device)
@@ -393,7 +435,12 @@ class Gemma4Model(nn.Module):
         masks = {SLIDING: attention_mask(positions, t, cfg.sliding_window), FULL: attention_mask(positions, t, None)}
 
         x = x0.to(self.residual_dtype)
+        cut = cfg.first_shared_layer if last_only and s > 1 else None
         for i, layer in enumerate(self.layers):
+            if i == cut:  # HF's _maybe_slice_kv_shared_inputs
+                x, ple, positions = x[:, -1:], ple[:, -1:], positions[-1:]
+                rope = {kind: (cos[-1:], sin[-1:]) for kind, (cos, sin) in rope.items()}
+                masks = {kind: mask[-1:] for kind, mask in masks.items()}
             cos, sin = rope[layer.kind]
             x = layer(x, ple[:, :, i], cos, sin, masks[layer.kind], positions, self.k_cache, self.v_cache, kv_len)
         if last_only:
