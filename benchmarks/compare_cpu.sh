@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# CPU comparison on this machine's cores: gemma4-coreai bench (stock torch engine) vs llama.cpp's CPU build
-# (same sdist source as compare_gpu.sh) on a Q4_0 GGUF of the same E4B-shaped synthetic checkpoint.
+# CPU comparison on this machine's cores, in one run: llama.cpp's CPU build (same sdist source as compare_gpu.sh)
+# on a Q4_0 GGUF of the E4B-shaped synthetic checkpoint, then gemma4-coreai bench on the bundle of the same
+# checkpoint with the native int4 kernel (--engine cpu-int4: q8 activations; cpu-int4-f32: fp32 activations),
+# then the stock torch engine (short: it dequantizes every linear per call), then llama.cpp again (drift check).
 #
 #   benchmarks/compare_cpu.sh CKPT_DIR BUNDLE_DIR [WORKDIR]
 # Environment: LLAMA_BUILD (a llama.cpp CPU build dir holding bin/llama-bench and bin/llama-quantize; default:
-# build one from LLAMA_SRC / the sdist like compare_gpu.sh), LLAMA_SRC, PYTHON, THREADS (default nproc).
+# build one from LLAMA_SRC / the sdist like compare_gpu.sh), LLAMA_SRC_DIR, PYTHON, THREADS (default nproc),
+# PROMPT (128), GEN (16), REPEATS (2). The GGUF is kept in WORKDIR (e4b-q4_0.gguf, 5.2 GB); making it needs
+# ~15 GB of temporary disk (the bf16 GGUF, deleted after quantizing).
 set -uo pipefail
 CKPT=$(cd "$1" && pwd); BUNDLE=$(cd "$2" && pwd); W=${3:-/tmp/g4cpu}; mkdir -p "$W"; W=$(cd "$W" && pwd)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,8 +33,36 @@ if [ ! -f "$W/e4b-q4_0.gguf" ]; then
   "$B/bin/llama-quantize" "$W/e4b-bf16.gguf" "$W/e4b-q4_0.gguf" Q4_0 >"$W/quantize.log" 2>&1 || exit 1
   rm -f "$W/e4b-bf16.gguf"
 fi
-echo "=== llama.cpp CPU ($T threads)"
-"$B/bin/llama-bench" -m "$W/e4b-q4_0.gguf" -p 16,64 -n 8 -t "$T" -r 2 -o json >"$W/llama-cpu.json" 2>"$W/llama-cpu.log"
-"$PY" -c "import json,sys; [print(f\"llama.cpp pp{r['n_prompt']} tg{r['n_gen']}: {r['avg_ts']:.2f} tok/s\") for r in json.load(open(sys.argv[1]))]" "$W/llama-cpu.json"
-echo "=== gemma4-coreai CPU"
-"$PY" -m gemma4_coreai.bench "$BUNDLE" --device cpu ${BENCH_ARGS:---prompt-len 16 64 --gen-len 8 --repeats 2} -o "$W/ours-cpu.json"
+P=${PROMPT:-128}; G=${GEN:-16}; R=${REPEATS:-2}
+llama() {
+  "$B/bin/llama-bench" -m "$W/e4b-q4_0.gguf" -p "$P" -n "$G" -t "$T" -r "$R" -o json >"$W/llama-cpu$1.json" 2>"$W/llama-cpu$1.log"
+  "$PY" -c "import json,sys; [print(f\"llama.cpp {'pp' if r['n_prompt'] else 'tg'}{r['n_prompt'] or r['n_gen']}: {r['avg_ts']:.2f} tok/s\") for r in json.load(open(sys.argv[1]))]" "$W/llama-cpu$1.json"
+}
+date -u; uname -m; nproc; grep -m1 'model name' /proc/cpuinfo; uptime
+echo "=== llama.cpp CPU ($T threads): llama-bench -p $P -n $G -t $T -r $R"
+llama ""
+for e in cpu-int4 cpu-int4-f32; do
+  echo "=== gemma4-coreai CPU --engine $e"
+  "$PY" -m gemma4_coreai.bench "$BUNDLE" --device cpu --engine "$e" --prompt-len "$P" --gen-len "$G" --repeats "$R" \
+    -o "$W/ours-$e.json"
+done
+echo "=== gemma4-coreai CPU --engine stock (short)"
+"$PY" -m gemma4_coreai.bench "$BUNDLE" --device cpu --engine stock ${STOCK_ARGS:---prompt-len 16 --gen-len 3 --repeats 1 --warmup 0} \
+  -o "$W/ours-stock.json"
+echo "=== llama.cpp CPU again (drift check)"
+llama "-2"
+"$PY" - "$W" <<'PYEOF'
+import json, sys
+w = sys.argv[1]
+ll = [json.load(open(f"{w}/llama-cpu{s}.json")) for s in ("", "-2")]
+lpp = sum(r["avg_ts"] for l in ll for r in l if r["n_prompt"]) / 2
+ltg = sum(r["avg_ts"] for l in ll for r in l if r["n_gen"]) / 2
+for e in ("cpu-int4", "cpu-int4-f32", "stock"):
+    r = json.load(open(f"{w}/ours-{e}.json"))
+    row = r["results"][0]
+    lin = row["bytes_per_decode_step"]["linears"]
+    dec = row.get("decode_tps", {}).get("median", float("nan"))
+    print(f"{e:>13}: prefill {row['prefill_tps']['median']:.2f} tok/s ({row['prefill_tps']['median'] / lpp:.2f}x llama.cpp "
+          f"{lpp:.2f}), decode {dec:.2f} tok/s ({dec / ltg:.2f}x llama.cpp {ltg:.2f}); "
+          f"int4 linears {lin * dec / 1e9:.1f} GB/s")
+PYEOF

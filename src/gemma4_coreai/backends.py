@@ -23,6 +23,10 @@ BACKENDS = ("torch", "coreai")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 DEFAULT_MAX_CONTEXT = 4096
+# How Q4Linear computes its product. "stock": model.dequant_linear (the default, reference numerics).
+# "cpu-int4": the native AVX2 kernel (cpu_kernels.py) with q8_0-quantized activations (approximate, like
+# llama.cpp); "cpu-int4-f32": the same kernel with fp32 activations. Both are CPU-only and opt-in.
+LINEAR_STRATEGIES = ("stock", "cpu-int4", "cpu-int4-f32")
 # Dequantize every linear once (fast) while the dense copy fits this budget; beyond it keep packed int4.
 DENSE_BUDGET_BYTES = {"cpu": 4 << 30, "cuda": 24 << 30}
 
@@ -90,9 +94,26 @@ class TorchBackend:
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], ple_table: Any, ple_scale: Any, *,
                  device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 ple_mode: str | None = None, max_context: int | None = None, linear_storage: str | None = None):
+                 ple_mode: str | None = None, max_context: int | None = None, linear_storage: str | None = None,
+                 linear_strategy: str | None = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        strategy = linear_strategy or "stock"
+        if strategy not in LINEAR_STRATEGIES:
+            raise Gemma4Error(f"unknown linear strategy {strategy!r}: expected one of {', '.join(LINEAR_STRATEGIES)}")
+        if strategy != "stock":
+            from . import cpu_kernels
+
+            if self.device.type != "cpu":
+                raise Gemma4Error(f"linear strategy {strategy!r} is CPU-only (device is {self.device})")
+            if cpu_kernels.load() is None:  # one warning already given: keep the stock path
+                strategy = "stock"
+            elif linear_storage not in (None, "packed"):
+                raise Gemma4Error(f"linear strategy {strategy!r} reads packed int4 weights: linear storage "
+                                  f"{linear_storage!r} is not supported with it")
+            else:
+                linear_storage = "packed"
+        self.linear_strategy = strategy
         self.ple_mode = ple_mode or ("provider" if self.device.type == "cpu" else "tbl")
         if self.ple_mode not in PLE_MODES:
             raise Gemma4Error(f"unknown ple_mode {self.ple_mode!r}: expected one of {', '.join(PLE_MODES)}")
@@ -113,6 +134,10 @@ class TorchBackend:
                 linear_storage=storage, device=self.device,
                 ple_table=_as_torch(ple_table) if tbl else None, ple_scale=_as_torch(ple_scale) if tbl else None)
         self.model.eval()
+        if strategy != "stock":
+            from . import cpu_kernels
+
+            cpu_kernels.install(self.model, "f32" if strategy == "cpu-int4-f32" else "q8")
         self._position = 0
 
     @classmethod
@@ -128,8 +153,9 @@ class TorchBackend:
         return self._position
 
     def describe(self) -> str:
+        kern = "" if self.linear_strategy == "stock" else f" via {self.linear_strategy}"
         return (f"torch {self.device.type} {_dtype_name(self.dtype)} {self.ple_mode} "
-                f"(linears {self.model.lm_head.storage}, max context {self.max_context})")
+                f"(linears {self.model.lm_head.storage}{kern}, max context {self.max_context})")
 
     def reset(self) -> None:
         self._position = 0
@@ -193,7 +219,8 @@ class _BundleTensors:
 
 
 def load_backend(bundle: Any, backend: str = "torch", *, export: str | Path | None = None, **kw: Any):
-    """A backend by name for an opened bundle. torch kw: device, dtype, ple_mode, max_context, linear_storage.
+    """A backend by name for an opened bundle. torch kw: device, dtype, ple_mode, max_context, linear_storage,
+    linear_strategy.
     coreai: `export` is the export-coreai output (OUT or OUT/gpu-pipelined/<name>); kw: ple_mode."""
     if backend not in BACKENDS:
         raise Gemma4Error(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")

@@ -29,7 +29,7 @@ from .config import ModelConfig
 from .errors import Gemma4Error
 
 SCHEMA = "gemma4-coreai-bench/1"
-ENGINES = ("auto", "fast", "stock")
+ENGINES = ("auto", "fast", "stock", "cpu-int4", "cpu-int4-f32")
 
 
 # ---- the bandwidth model ----------------------------------------------------------------------------------
@@ -129,6 +129,11 @@ def make_engine(bundle: Any, device: torch.device, engine: str, ple_mode: str | 
         from .fast import FastCudaBackend
 
         return FastCudaBackend.from_bundle(bundle, max_context=max_context, ple_mode=ple_mode or "tbl", compile=compile)
+    if engine in ("cpu-int4", "cpu-int4-f32"):
+        if device.type != "cpu":
+            raise Gemma4Error(f"engine {engine!r} needs --device cpu")
+        return TorchBackend.from_bundle(bundle, device=device, dtype=dtype, ple_mode=ple_mode, max_context=max_context,
+                                        linear_strategy=engine)
     return TorchBackend.from_bundle(bundle, device=device, dtype=dtype, ple_mode=ple_mode, max_context=max_context)
 
 
@@ -288,7 +293,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="PLE table handling (default: tbl on cuda, provider on cpu)")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="fast (CUDA: Triton int4 + CUDA graphs), stock (model.py eager), auto (default: fast on "
-                        "cuda, stock on cpu)")
+                        "cuda, stock on cpu), cpu-int4 (CPU: native AVX2 int4 kernel, q8 activations like llama.cpp, "
+                        "approximate), cpu-int4-f32 (the same kernel with fp32 activations)")
     p.add_argument("--dtype", default=None, help="stock engine compute dtype (fp32, bf16, fp16)")
     p.add_argument("--no-compile", action="store_true", help="fast engine: CUDA graphs without torch.compile")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")

@@ -134,6 +134,10 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="per-layer embeddings: provider = rows gathered from the memory-mapped int8 table each "
                         "step (default on cpu); tbl = table resident on the device, gathered in-graph (default on "
                         "cuda)")
+    g.add_argument("--linear", default="stock", choices=("stock", "cpu-int4", "cpu-int4-f32"),
+                   help="torch cpu: int4 matmul strategy. stock = dequantize + matmul (reference numerics); "
+                        "cpu-int4 = native AVX2 q4_0 kernel with int8 activations like llama.cpp (fast, "
+                        "approximate); cpu-int4-f32 = the same kernel with fp32 activations (exact)")
     g.add_argument("--export", type=Path, default=None, metavar="OUT",
                    help="with --backend coreai: the export-coreai output directory")
 
@@ -143,7 +147,8 @@ def _backend(args: argparse.Namespace, bundle):
 
     if args.backend == "coreai":
         return load_backend(bundle, "coreai", export=args.export, ple_mode=args.ple_mode, device=args.device)
-    return load_backend(bundle, "torch", device=args.device or "cpu", dtype=args.dtype, ple_mode=args.ple_mode)
+    return load_backend(bundle, "torch", device=args.device or "cpu", dtype=args.dtype, ple_mode=args.ple_mode,
+                        linear_strategy=args.linear)
 
 
 # ---- generate -------------------------------------------------------------------------------------------
