@@ -233,10 +233,3 @@ def load_backend(bundle: Any, backend: str = "torch", *, export: str | Path | No
             raise Gemma4Error(f"--backend coreai picks its own compute unit; --device {kw['device']} is torch-only")
         return CoreAIBackend(export, mode=kw.get("ple_mode"), tables=Path(bundle.path))
     return TorchBackend.from_bundle(bundle, **kw)
-
-
-def ple_bytes_per_token(cfg: ModelConfig) -> int:
-    """Bytes a provider-mode step reads from the PLE table per token (one int8 row + its fp32 scale)."""
-    return cfg.ple_width + 4
-
-

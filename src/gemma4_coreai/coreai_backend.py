@@ -114,10 +114,6 @@ class CoreAIBackend:
                            "ple_scale": NDArray(np.ascontiguousarray(self._ple_scale))}
         self.reset()
 
-    @classmethod
-    def from_path(cls, path: str | Path, **kw: Any) -> CoreAIBackend:
-        return cls(path, **kw)
-
     @property
     def position(self) -> int:
         """Tokens in the current sequence (the position the next token will take)."""
@@ -171,8 +167,3 @@ class CoreAIBackend:
 
     def close(self) -> None:
         self._fn.close()
-
-
-def load_coreai_backend(path: str | Path, **kw: Any) -> CoreAIBackend:
-    """`--backend coreai`: path = an export dir (OUT) or OUT/gpu-pipelined/<name>; kw: mode, tables."""
-    return CoreAIBackend(path, **kw)

@@ -281,10 +281,6 @@ class FastCudaBackend:
         return self._tokens[start:start + n].tolist()
 
 
-def load_fast_backend(bundle: Any, **kw: Any) -> FastCudaBackend:
-    return FastCudaBackend.from_bundle(bundle, **kw)
-
-
 def gemv_microbench(shapes: Sequence[tuple[int, int]], iters: int = 200, seed: int = 0) -> list[dict[str, Any]]:
     """Time the Triton int4 GEMV against the stock paths at the given [N, K] shapes (CUDA graphs, rotating
     weight sets so L2 never holds them). Returns one row per shape with achieved GB/s."""

@@ -176,14 +176,19 @@ class Q4Linear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, storage={self.storage}"
 
 
+def _set_strategy(model: nn.Module, cls: type, attr: str, fn: Callable | None) -> None:
+    """Set `attr` = fn on every `cls` instance in `model` (None restores the class default)."""
+    for m in model.modules():
+        if isinstance(m, cls):
+            if fn is None:
+                m.__dict__.pop(attr, None)
+            else:
+                setattr(m, attr, fn)
+
+
 def set_linear_fn(model: nn.Module, fn: LinearFn | None) -> None:
     """Use `fn(module, x)` for every Q4Linear in `model` (None restores the class default)."""
-    for m in model.modules():
-        if isinstance(m, Q4Linear):
-            if fn is None:
-                m.__dict__.pop("linear_fn", None)
-            else:
-                m.linear_fn = fn
+    _set_strategy(model, Q4Linear, "linear_fn", fn)
 
 
 # ---- the KV-cache write: the one place that knows how K/V land in the cache -----------------------------
@@ -201,12 +206,7 @@ def index_copy_kv_write(cache: Tensor, slot: int, positions: Tensor, kv: Tensor)
 
 def set_kv_write(model: nn.Module, fn: KVWrite | None) -> None:
     """Use `fn(cache, slot, positions, kv)` for every KV-cache write in `model` (None restores the default)."""
-    for m in model.modules():
-        if isinstance(m, Attention):
-            if fn is None:
-                m.__dict__.pop("kv_write", None)
-            else:
-                m.kv_write = fn
+    _set_strategy(model, Attention, "kv_write", fn)
 
 
 # ---- modules ------------------------------------------------------------------------------------------
