@@ -8,7 +8,8 @@
 # Environment: PYTHON (default python3); LLAMA_CPP_PYTHON_VERSION (default 0.3.36); LLAMA_SRC = an already
 # unpacked (or .tar.gz of the) sdist's vendor/llama.cpp, for machines without network; otherwise the script runs
 # `pip download --no-binary :all: llama-cpp-python==VERSION` and unpacks vendor/llama.cpp itself.
-# STAGES (default "fetch build synth ours_warm gguf llama hf ours report") selects stages.
+# STAGES (default "fetch build synth gguf ours llama hf report") selects stages; OURS_PROMPTS (default
+# "128 512 4096") the prompt lengths of our bench.
 set -uo pipefail
 W=${1:-/tmp/g4bench}
 mkdir -p "$W"
@@ -16,7 +17,7 @@ W=$(cd "$W" && pwd)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 VER=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
-STAGES=${STAGES:-"fetch build synth ours_warm gguf llama hf ours report"}
+STAGES=${STAGES:-"fetch build synth gguf ours llama hf report"}
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
 JOBS=$(nproc)
 stage() { echo "=== $(date +%T) $*"; }
@@ -53,7 +54,7 @@ synth() {  # the E4B-shaped synthetic bf16 checkpoint and our q4_0 bundle
 }
 
 ours() {  # $1 = output tag
-  "$PY" -m gemma4_coreai.bench "$W/bundle" --device cuda --prompt-len 128 512 4096 --gen-len 256 --repeats 3 \
+  "$PY" -m gemma4_coreai.bench "$W/bundle" --device cuda --prompt-len ${OURS_PROMPTS:-128 512 4096} --gen-len 256 --repeats 3 \
     -o "$W/ours$1.json"
 }
 
@@ -74,7 +75,8 @@ gguf() {  # llama.cpp's own converter on the same checkpoint (its tokenizer swap
 llama() {
   "$W/llama-build/bin/llama-bench" -m "$W/e4b-q4_0.gguf" -p 128,4096 -n 256 -ngl 99 -fa 1 -r 3 -o json \
     >"$W/llama.json" 2>"$W/llama-bench.log" || { tail -30 "$W/llama-bench.log"; return 1; }
-  "$W/llama-build/bin/llama-bench" -m "$W/e4b-q4_0.gguf" -p 128,4096 -n 256 -ngl 99 -fa 1 -r 3 2>/dev/null | tail -6
+  "$PY" -c "import json,sys; [print(f\"llama.cpp {'pp' if r['n_prompt'] else 'tg'}{r['n_prompt'] or r['n_gen']}: \"
+            f\"{r['avg_ts']:.1f} +- {r['stddev_ts']:.1f} tok/s\") for r in json.load(open(sys.argv[1]))]" "$W/llama.json"
 }
 
 hf() {
@@ -88,18 +90,25 @@ report() {
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 want fetch && { stage fetch; fetch || echo "fetch FAILED"; }
-# the llama.cpp build (CPU-heavy) runs beside the checkpoint synthesis; ours_warm is a first measurement
-want build && { stage "build (background)"; (build && echo "build OK" || echo "build FAILED") >"$W/build.status" 2>&1 & }
-BUILD_PID=$!
+# CPU work in the background: the llama.cpp build beside the checkpoint synthesis, then its GGUF conversion beside
+# our GPU benchmark (the GPU peers never run at the same time).
+rm -f "$W/.synth_done"
+BG_PID=""
+if want build || want gguf; then
+  stage "build + gguf (background)"
+  ( if want build; then build && echo "build OK" || echo "build FAILED"; fi
+    while [ ! -e "$W/.synth_done" ]; do sleep 2; done
+    if want gguf; then gguf && echo "gguf OK" || echo "gguf FAILED"; fi ) >"$W/build.status" 2>&1 &
+  BG_PID=$!
+fi
 want synth && { stage synth; synth || echo "synth FAILED"; }
-# GPU_WAIT_FILE: start GPU work only once this file exists (another job may be timing the card)
+touch "$W/.synth_done"
+# GPU_WAIT_FILE: start GPU work only once this file exists (another job may be using the card)
 if [ -n "${GPU_WAIT_FILE:-}" ]; then while [ ! -e "$GPU_WAIT_FILE" ]; do sleep 2; done; fi
-want ours_warm && { stage "ours (first pass, build may still run)"; ours _warm || echo "ours_warm FAILED"; }
-want build && { stage "wait build"; wait "$BUILD_PID"; cat "$W/build.status"; }
-want gguf && { stage gguf; gguf || echo "gguf FAILED"; }
+want ours && { stage ours; ours "" || echo "ours FAILED"; }
+[ -n "$BG_PID" ] && { stage "wait build + gguf"; wait "$BG_PID"; cat "$W/build.status"; }
 want llama && { stage llama-bench; llama || echo "llama FAILED"; }
 want hf && { stage hf; hf || echo "hf FAILED"; }
-want ours && { stage ours; ours "" || echo "ours FAILED"; }
 want report && { stage report; report || echo "report FAILED"; }
 stage done
 touch "$W/DONE"

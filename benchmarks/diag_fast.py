@@ -1,10 +1,14 @@
-"""Diagnose the fast decode step on a small synthetic bundle: did torch.compile take, kernels per step, step time.
+"""Where does the fast path's time go? Decode: one CUDA-graph replay under torch.profiler (kernels per step, kernel
+time vs wall time, top kernels). Prefill: one batched prefill profiled the same way, with and without SDPA.
 
-    PYTHONPATH=src python benchmarks/diag_fast.py [SHAPE]      (default tiny)
+    PYTHONPATH=src python benchmarks/diag_fast.py [BUNDLE | tiny | e4b] [--prompt N] [--context N]
+
+A shape name synthesises and converts a bundle in a temporary directory first (E4B: ~3 min, 21 GB of disk).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -12,50 +16,103 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from gemma4_coreai.bundle import Bundle, convert
-from gemma4_coreai.fast import FastCudaBackend
+from gemma4_coreai.fast import FastCudaBackend, sdpa_attention
+from gemma4_coreai.model import set_attention
 from gemma4_coreai.synth import synthesize
 
 
-def main() -> int:
-    shape = sys.argv[1] if len(sys.argv) > 1 else "tiny"
-    d = Path(tempfile.mkdtemp())
-    synthesize(shape, d / "ckpt", progress=False)
-    b = Bundle.open(convert(d / "ckpt", d / "bundle", progress=False))
-    for comp in (True, False):
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            t0 = time.perf_counter()
-            fb = FastCudaBackend.from_bundle(b, max_context=512, compile=comp)
-            fb.reset()
-            first = int(fb.prefill(list(range(3, 67))).argmax())
-            fb.greedy(first, 4)
-            build = time.perf_counter() - t0
-        for x in w:
-            print("WARNING:", str(x.message)[:400])
-        fb.reset()
-        first = int(fb.prefill(list(range(3, 67))).argmax())
+def kernel_table(fn, top: int = 12) -> tuple[float, float, int, list[tuple[str, int, float]]]:
+    """Run fn() under the profiler: (wall ms, summed kernel ms, kernel count, [(name, count, ms)] by total time)."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
         torch.cuda.synchronize()
-        t = time.perf_counter()
-        fb.greedy(first, 200)
-        torch.cuda.synchronize()
-        ms = (time.perf_counter() - t) / 200 * 1e3
-        g = next(iter(fb._graphs.values()))
-        from torch.profiler import ProfilerActivity, profile
+        wall = (time.perf_counter() - t0) * 1e3
+    kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    agg: dict[str, list[float]] = {}
+    for e in kern:
+        a = agg.setdefault(e.name[:70], [0, 0.0])
+        a[0] += 1
+        a[1] += e.device_time_total / 1e3
+    rows = sorted(((n, int(c), t) for n, (c, t) in agg.items()), key=lambda r: -r[2])[:top]
+    return wall, sum(e.device_time_total for e in kern) / 1e3, len(kern), rows
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            g.replay()
+
+def show(title: str, res: tuple[float, float, int, list[tuple[str, int, float]]]) -> None:
+    wall, busy, n, rows = res
+    print(f"\n{title}: wall {wall:.3f} ms, kernel time {busy:.3f} ms, {n} kernels")
+    for name, c, t in rows:
+        print(f"   {t:8.3f} ms {c:5d}x  {name}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bundle", nargs="?", default="tiny")
+    ap.add_argument("--prompt", type=int, default=4096, help="prefill length to profile")
+    ap.add_argument("--context", type=int, default=128, help="decode position to profile")
+    args = ap.parse_args()
+    path = Path(args.bundle)
+    if not path.exists():
+        d = Path(tempfile.mkdtemp())
+        t0 = time.perf_counter()
+        synthesize(args.bundle, d / "ckpt", progress=False)
+        path = convert(d / "ckpt", d / "bundle", progress=False)
+        print(f"synth + convert {args.bundle}: {time.perf_counter() - t0:.0f} s")
+    b = Bundle.open(path)
+    cfg = b.config
+    max_ctx = min(b.max_context, max(args.prompt, args.context) + 512)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        fb = FastCudaBackend.from_bundle(b, max_context=max_ctx)
+        load = time.perf_counter() - t0
+        ids = torch.randint(3, cfg.vocab_size, (max(args.prompt, args.context),),
+                            generator=torch.Generator().manual_seed(0)).tolist()
+        t0 = time.perf_counter()
+        fb.reset()
+        first = int(fb.prefill(ids[:args.context]).argmax())
+        fb.greedy(first, 4)
+        build = time.perf_counter() - t0
+    for x in w:
+        print("WARNING:", str(x.message)[:400])
+    print(f"{fb.describe()}; load {load:.1f} s, first decode build (compile + autotune + capture) {build:.1f} s")
+
+    fb.reset()
+    first = int(fb.prefill(ids[:args.context]).argmax())
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fb.greedy(first, 200)
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) / 200 * 1e3
+    print(f"decode at ~{args.context}: {ms:.3f} ms/token ({1e3 / ms:.1f} tok/s, greedy loop, 200 steps)")
+    g = fb._graphs[fb._bucket(fb.position)]
+    show(f"one decode step (graph replay, {cfg.num_layers} layers)", kernel_table(g.replay, top=16))
+
+    torch.cuda.reset_peak_memory_stats()
+    long_ids = ids[:args.prompt]
+    for sdpa in (True, False):
+        set_attention(fb.model, sdpa_attention if sdpa else None)
+        fb.reset()
+        fb.prefill(long_ids)  # warm
+        times = []
+        for _ in range(3):
+            fb.reset()
             torch.cuda.synchronize()
-        kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        names = {}
-        for e in kern:
-            names[e.name[:60]] = names.get(e.name[:60], 0) + 1
-        top = sorted(names.items(), key=lambda kv: -kv[1])[:8]
-        print(f"compile={comp} use_compile_after={fb.use_compile} build {build:.1f}s step {ms:.3f} ms "
-              f"kernels/step {len(kern)} layers {b.config.num_layers}")
-        for n, c in top:
-            print(f"   {c:5d} {n}")
+            t = time.perf_counter()
+            fb.prefill(long_ids)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        best = min(times)
+        print(f"\nprefill {args.prompt} tokens, sdpa={sdpa}: {best * 1e3:.1f} ms ({args.prompt / best:,.0f} tok/s), "
+              f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        if sdpa:
+            fb.reset()
+            show(f"prefill {args.prompt}", kernel_table(lambda: fb.prefill(long_ids)))
+    set_attention(fb.model, sdpa_attention)
     return 0
 
 

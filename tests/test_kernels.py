@@ -247,3 +247,66 @@ def test_stack_projections_exact_and_shares_memory(name):
     # per forward: PLE model projection + lm_head, and per layer q(kv) + o + gate/up + down + the two PLE ones
     assert len(calls) == 2 * (2 + 6 * cfg.num_layers)
     assert "layers.0.self_attn.stacked_proj" in calls and "layers.0.mlp.stacked_proj" in calls
+
+
+def test_sdpa_attention_matches_stock():
+    """The fast path's prefill attention (one fused SDPA call) computes model.attention's function: GQA in HF's
+    head order, score scale 1.0, causal and sliding masks; one query row falls through to the stock code."""
+    from gemma4_coreai.fast import sdpa_attention
+    from gemma4_coreai.model import attention, attention_mask
+
+    g = torch.Generator().manual_seed(5)
+    for s, t, window in ((7, 7, None), (5, 12, 4), (1, 9, 3)):
+        q = torch.randn(1, 8, s, 16, generator=g)
+        k, v = torch.randn(1, 2, t, 16, generator=g), torch.randn(1, 2, t, 16, generator=g)
+        allowed = attention_mask(torch.arange(t - s, t), t, window)
+        want = attention(q, k, v, allowed)
+        assert float((sdpa_attention(q, k, v, allowed) - want).abs().max()) < 1e-5
+
+
+def test_fast_strategies_prefill_matches_stock():
+    """With the fast path's strategies in (stacked projections, scatter KV write, SDPA attention, its linear
+    function: on CPU the custom ops' stock fallbacks), chunked prefill then decode logits equal the stock model's
+    in fp32 (summation order aside)."""
+    from hf_reference import build_reference, tiny
+
+    from gemma4_coreai.fast import fast_linear, scatter_kv_write, sdpa_attention, stack_projections
+    from gemma4_coreai.model import Gemma4Model, set_attention, set_kv_write, set_linear_fn
+
+    ref = build_reference(tiny())
+    a, b = (Gemma4Model(ref.cfg, ref.weights, ple_mode="tbl", max_context=48, linear_storage="packed",
+                        ple_table=ref.ple_table, ple_scale=ref.ple_scale).eval() for _ in range(2))
+    stack_projections(b)
+    set_kv_write(b, scatter_kv_write)
+    set_attention(b, sdpa_attention)
+    set_linear_fn(b, fast_linear)
+    ids = torch.randint(3, ref.cfg.vocab_size, (1, 31), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        for start, chunk in ((0, ids[:, :20]), (20, ids[:, 20:30]), (30, ids[:, 30:])):
+            want = a(chunk, torch.tensor(start), kv_len=48, last_only=True)
+            got = b(chunk, torch.tensor(start), kv_len=start + chunk.shape[1], last_only=True)
+            assert float((got - want).abs().max()) < 1e-4
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+@pytest.mark.parametrize("n,k", [(37, 256), (300, 2560), (2560, 10240)])
+def test_gpu_gemv_partials(impl, n, k):
+    """Both GPU GEMVs, every K split, x in fp32/bf16/fp16, scales fp16/fp32: the partials sum to x @ W.T (fp32
+    accumulation of exact products), every output written (an unwritten one would show as a wrong sum)."""
+    q, q4, d = rand_q4(n, k, n * k, "cuda")
+    kg = k // 32
+    for sdt in (torch.float16, torch.float32):
+        dd = d.to(sdt)
+        want_w = q4_0_dequantize(q, dd.cpu().float()).double()
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(1, k).to(dt)
+            want = x.double() @ want_w.t()
+            for split in sorted({1, 2, 3, K.gemv_split(n, k)}):
+                if -(-kg // -(-kg // split)) != split:
+                    continue
+                part = K.q4_gemv_partials(x.cuda(), q4, dd, split, impl=impl)
+                assert part.shape == (split, n) and part.dtype == torch.float32
+                assert not torch.isnan(part).any()
+                assert rel(part.sum(0).cpu(), want) < 2e-6, (sdt, dt, split)

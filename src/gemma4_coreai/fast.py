@@ -1,9 +1,11 @@
 """The fast CUDA path: model.py's Gemma4Model with strategies plugged in, not a second copy of the math.
 
 - Load-time transform (`stack_projections`): q/k/v and gate/up stacked into one packed linear per group.
-- Linear strategy (`fast_linear`): one token -> the Triton int4 GEMV (`torch.ops.gemma4.q4_gemv`, weights
-  streamed once from the bundle's packed q4_0); several tokens (prefill) -> dequantize to bf16 with a Triton
-  kernel, then a tensor-core GEMM (cuBLAS through F.linear).
+- Linear strategy (`fast_linear`): one token -> the int4 GEMV (`torch.ops.gemma4.q4_gemv_partials`: the CUDA C++
+  kernel, or Triton where nvcc is missing; weights streamed once from the bundle's packed q4_0; fp32 partial sums
+  over K slices, added by whichever fused kernel reads the result); several tokens (prefill) -> dequantize to
+  bf16 with a Triton kernel, then a tensor-core GEMM (cuBLAS through F.linear).
+- Attention strategy (`sdpa_attention`): prefill through one fused SDPA kernel; decode keeps model.py's.
 - Decode step: `torch.compile` (inductor fuses the norms, RoPE, masks and softmax between the GEMVs), then one
   CUDA graph per KV-length bucket, replayed with no host synchronisation inside a step. The graph also takes
   the greedy argmax and advances the device-side token and position, so `greedy(n)` queues n steps and
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 from . import kernels  # noqa: F401  (registers torch.ops.gemma4.*)
 from .backends import TorchBackend
 from .errors import Gemma4Error
-from .model import Gemma4Model, Q4Linear, dequantize_ple, set_kv_write, set_linear_fn
+from .kernels import gemv_split
+from .model import Gemma4Model, Q4Linear, attention, dequantize_ple, set_attention, set_kv_write, set_linear_fn
 
 KV_BUCKET = 512
 PREFILL_CHUNK = 2048  # tokens per batched prefill forward (bounds the attention scores' memory)
@@ -40,9 +43,22 @@ PREFILL_CHUNK = 2048  # tokens per batched prefill forward (bounds the attention
 def fast_linear(m: Q4Linear, x: torch.Tensor) -> torch.Tensor:
     """Linear strategy for the CUDA fast path (module storage must be 'packed')."""
     if x.numel() == m.in_features:  # one token: bandwidth-bound GEMV straight from int4
-        return torch.ops.gemma4.q4_gemv(x, m.q4, m.scale)
+        # fp32 partial sums over K slices; the sum and the cast fuse into whatever kernel reads the result
+        part = torch.ops.gemma4.q4_gemv_partials(x, m.q4, m.scale, gemv_split(m.out_features, m.in_features))
+        return part.sum(0).to(x.dtype).view(*x.shape[:-1], m.out_features)
     w = torch.ops.gemma4.q4_dequant(m.q4, m.scale, x.dtype)  # prefill: compute-bound, tensor cores
     return F.linear(x, w)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Attention strategy for the fast path: several query rows (prefill) -> one fused SDPA kernel (no [S, T]
+    fp32 score tensors in memory); one row (decode, compiled) -> model.py's `attention`. Same contract: score
+    scale 1.0, GQA by repeating K/V heads in HF's order, `allowed` [S, T] bool."""
+    if q.shape[2] == 1:
+        return attention(q, k, v, allowed)
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)
 
 
 def scatter_kv_write(cache: torch.Tensor, slot: int, positions: torch.Tensor, kv: torch.Tensor) -> None:
@@ -95,9 +111,10 @@ class FastCudaBackend:
 
     name = "fast"
 
-    def __init__(self, inner: TorchBackend, *, compile: bool = True, cuda_graph: bool = True, stack: bool = True):
+    def __init__(self, inner: TorchBackend, *, compile: bool = True, cuda_graph: bool = True, stack: bool = True,
+                 sdpa: bool = True):
         """Wrap a TorchBackend built on CUDA in bf16 with linear_storage='packed' (see `from_bundle`); `stack`:
-        apply `stack_projections` (one GEMV for q/k/v, one for gate/up)."""
+        apply `stack_projections` (one GEMV for q/k/v, one for gate/up); `sdpa`: fused attention in prefill."""
         if inner.device.type != "cuda" or inner.model.lm_head.storage != "packed":
             raise Gemma4Error("the fast path needs a CUDA torch backend with packed int4 linears")
         self.inner = inner
@@ -112,6 +129,8 @@ class FastCudaBackend:
             stack_projections(self.model)
         set_linear_fn(self.model, fast_linear)
         set_kv_write(self.model, scatter_kv_write)
+        if sdpa:
+            set_attention(self.model, sdpa_attention)
         self.use_compile, self.use_graph = compile, cuda_graph
         dev = self.device
         self._ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -134,12 +153,12 @@ class FastCudaBackend:
     @classmethod
     def from_bundle(cls, bundle: Any, *, max_context: int | None = None, ple_mode: str = "tbl",
                     device: str = "cuda", compile: bool = True, cuda_graph: bool = True,
-                    stack: bool = True) -> FastCudaBackend:
+                    stack: bool = True, sdpa: bool = True) -> FastCudaBackend:
         if not torch.cuda.is_available():
             raise Gemma4Error("the fast path needs a CUDA GPU (use the stock torch backend on CPU)")
         inner = TorchBackend.from_bundle(bundle, device=device, dtype=torch.bfloat16, ple_mode=ple_mode,
                                          max_context=max_context or bundle.max_context, linear_storage="packed")
-        return cls(inner, compile=compile, cuda_graph=cuda_graph, stack=stack)
+        return cls(inner, compile=compile, cuda_graph=cuda_graph, stack=stack, sdpa=sdpa)
 
     # -- the decode step (what the graph captures) --
     def _step(self, ids: torch.Tensor, pos: torch.Tensor, ple: torch.Tensor | None, kv_len: int) -> torch.Tensor:
@@ -205,7 +224,10 @@ class FastCudaBackend:
     def describe(self) -> str:
         how = ("torch.compile + CUDA graphs" if self.use_compile and self.use_graph else
                "CUDA graphs" if self.use_graph else "torch.compile" if self.use_compile else "eager")
-        return f"fast cuda bf16 {self.ple_mode} (Triton int4 GEMV, {how}, max context {self.max_context})"
+        from .kernels import _CUDA
+
+        gemv = "CUDA C++" if _CUDA["ext"] is not None else "Triton"
+        return f"fast cuda bf16 {self.ple_mode} ({gemv} int4 GEMV, {how}, max context {self.max_context})"
 
     def reset(self) -> None:
         self._position = 0
@@ -219,7 +241,7 @@ class FastCudaBackend:
         return out
 
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
-        """Batched prefill (dequantize + tensor-core GEMMs), in chunks of PREFILL_CHUNK tokens."""
+        """Batched prefill (dequantize + tensor-core GEMMs, SDPA attention), in chunks of PREFILL_CHUNK tokens."""
         ids = list(ids)
         if not ids:
             raise Gemma4Error("need at least one token")
@@ -284,7 +306,7 @@ class FastCudaBackend:
 def gemv_microbench(shapes: Sequence[tuple[int, int]], iters: int = 200, seed: int = 0) -> list[dict[str, Any]]:
     """Time the Triton int4 GEMV against the stock paths at the given [N, K] shapes (CUDA graphs, rotating
     weight sets so L2 never holds them). Returns one row per shape with achieved GB/s."""
-    from .kernels import q4_dequant_ref, q4_gemv_triton
+    from .kernels import cuda_ext, q4_dequant_ref, q4_gemv_partials, q4_gemv_triton
 
     dev = torch.device("cuda")
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -326,9 +348,18 @@ def gemv_microbench(shapes: Sequence[tuple[int, int]], iters: int = 200, seed: i
                 times.append(a.elapsed_time(b) / sets * 1e3)
             return float(np.median(times))
 
-        t_triton = timed(lambda i, x=x, ws=ws, y=y, sets=sets: q4_gemv_triton(x, *ws[i % sets], out=y))
-        row = {"N": n, "K": k, "bytes": nbytes, "triton_us": t_triton, "triton_GBps": nbytes / t_triton / 1e3,
-               "rel_err": err}
+        # the kernel alone (fp32 partials; in the model their sum fuses into the next kernel), per K split
+        impl = "cuda" if cuda_ext() is not None else "triton"
+        kg = k // 32
+        splits = sorted({gemv_split(n, k)} | {sp for sp in (1, 2, 4, 8) if -(-kg // -(-kg // sp)) == sp})
+        per_split = {sp: timed(lambda i, x=x, ws=ws, sets=sets, sp=sp, im=impl: q4_gemv_partials(
+                                   x, *ws[i % sets], sp, impl=im))
+                     for sp in splits}
+        t_gemv = per_split[gemv_split(n, k)]
+        row = {"N": n, "K": k, "bytes": nbytes, "impl": impl, "gemv_us": t_gemv, "gemv_GBps": nbytes / t_gemv / 1e3,
+               "rel_err": err, "split": gemv_split(n, k), "per_split_us": per_split,
+               "best_split": min(per_split, key=per_split.get),
+               "triton_us": timed(lambda i, x=x, ws=ws, sets=sets: q4_gemv_partials(x, *ws[i % sets], impl="triton"))}
         try:  # stock int4 kernel (tinygemm, bf16 scales: not exact, timing only)
             from .model import unpack_int4
 

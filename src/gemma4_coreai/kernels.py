@@ -6,14 +6,18 @@ nibble of byte j, 2j+1 in the high one, stored as q+8) and one scale per 32 inpu
 fp16 is not exact). That layout already streams well: each 32-weight block is 16 contiguous bytes, so one thread
 loads one block with one 16-byte load, and a warp covers contiguous rows.
 
-- `q4_gemv(x, q4, scale)`: y[N] = W @ x for one token (decode). Triton; reads each weight byte once, fp32
-  accumulation, one rounding to x's dtype at the end. Autotuned per (N, K).
+- `q4_gemv_partials(x, q4, scale, split)`: one token (decode): fp32 partial sums of W @ x over `split` K slices
+  (the caller's next kernel adds them). A CUDA C++ kernel (`q4_gemv_cuda.cu`, built on first use with nvcc) where it
+  builds, else Triton (autotuned per shape); both read each weight byte once with exact products and fp32
+  accumulation. `q4_gemv` is the same, summed and rounded to x's dtype.
 - `q4_dequant(q4, scale, dtype)`: W [N, K] in `dtype` (prefill: dequantize, then a tensor-core GEMM).
-- `torch.ops.gemma4.q4_gemv` / `torch.ops.gemma4.q4_dequant`: the same, as torch custom ops so that
+- `torch.ops.gemma4.q4_gemv(_partials)` / `torch.ops.gemma4.q4_dequant`: the same, as torch custom ops so that
   `torch.compile` and CUDA graphs treat them as opaque kernels.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -38,6 +42,36 @@ def triton_usable(t: Tensor) -> bool:
     if not HAVE_TRITON:
         return False
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---- the CUDA C++ GEMV (q4_gemv_cuda.cu), built on first use --------------------------------------------------
+
+_CUDA = {"ext": None, "tried": False, "error": None}
+
+
+def cuda_ext():
+    """The compiled CUDA GEMV extension (nvcc + ninja, built once and cached by torch), or None with one warning
+    where it cannot be built; GEMMA4_CUDA_GEMV=0 turns it off (the Triton kernel then runs)."""
+    import os
+
+    if _CUDA["tried"]:
+        return _CUDA["ext"]
+    _CUDA["tried"] = True
+    if os.environ.get("GEMMA4_CUDA_GEMV", "1") == "0":
+        _CUDA["error"] = "GEMMA4_CUDA_GEMV=0"
+        return None
+    try:
+        from pathlib import Path
+
+        from torch.utils.cpp_extension import load
+
+        _CUDA["ext"] = load(name="gemma4_q4_cuda", sources=[str(Path(__file__).with_name("q4_gemv_cuda.cu"))],
+                            extra_cuda_cflags=["-O3", "-std=c++17"], verbose=False)
+    except Exception as e:  # noqa: BLE001 - no nvcc/ninja/compiler: the Triton kernel does the same job
+        _CUDA["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"
+        warnings.warn(f"gemma4-coreai: the CUDA int4 GEMV could not be built ({_CUDA['error']}); using the Triton "
+                      "kernel", RuntimeWarning, stacklevel=2)
+    return _CUDA["ext"]
 
 
 # ---- stock fallbacks (the reference the kernels are tested against) --------------------------------------
@@ -70,43 +104,43 @@ if HAVE_TRITON:
             cfgs.append(triton.Config({"BLOCK_N": bn, "GROUPS": g}, num_warps=w, num_stages=3))
         return cfgs
 
-    def _prune(configs, named_args, **kwargs):
-        k = named_args["K"]
-        ok = [c for c in configs if (k // BLOCK) % c.kwargs["GROUPS"] == 0]
-        return ok or [triton.Config({"BLOCK_N": 4, "GROUPS": 1}, num_warps=2)]
-
     @triton.jit
-    def _q4_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, KG, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-        """y[n] = sum_k x[k] * (nib(n, k) - 8) * s[n, k // 32]; BLOCK_N rows per program, GROUPS blocks per step.
-
-        K is a multiple of 32 * GROUPS (the autotuner prunes configs that do not divide it)."""
-        pid = tl.program_id(0)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _q4_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, KG, KG_SPLIT, BLOCK_N: tl.constexpr,
+                        GROUPS: tl.constexpr):
+        """out[pid_k, n] = sum over this program's K slice (KG_SPLIT blocks) of x[k] * q[n, k] * s[n, k // 32], in
+        fp32. BLOCK_N rows x GROUPS 32-blocks per step, each block one 16-byte load; the [BLOCK_N, GROUPS]
+        accumulator is reduced once at the end."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rn < N
-        rn_safe = tl.where(rmask, rn, 0).to(tl.int64)
+        rn64 = tl.where(rmask, rn, 0).to(tl.int64)
         g = tl.arange(0, GROUPS)
         t = tl.arange(0, 16)
-        w_row = w_ptr + rn_safe[:, None, None] * (KG * 16)
-        s_row = s_ptr + rn_safe[:, None] * KG
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for g0 in range(0, KG, GROUPS):
+        w_row = w_ptr + rn64[:, None, None] * (KG * 16) + t[None, None, :]
+        s_row = s_ptr + rn64[:, None] * KG
+        acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
+        g_start = pid_k * KG_SPLIT
+        g_end = tl.minimum(g_start + KG_SPLIT, KG)
+        for g0 in range(g_start, g_end, GROUPS):
             gi = g0 + g
-            b = tl.load(w_row + gi[None, :, None] * 16 + t[None, None, :])  # [BN, G, 16] uint8, 16 B / block
+            gmask = gi < g_end
+            b = tl.load(w_row + gi[None, :, None] * 16, mask=gmask[None, :, None], other=0x88)  # [BN, G, 16]
             lo = (b & 15).to(tl.float32) - 8.0
             hi = (b >> 4).to(tl.float32) - 8.0
             xoff = gi[:, None] * 32 + t[None, :] * 2
-            xe = tl.load(x_ptr + xoff).to(tl.float32)  # [G, 16] even columns
-            xo = tl.load(x_ptr + xoff + 1).to(tl.float32)  # odd columns
+            xe = tl.load(x_ptr + xoff, mask=gmask[:, None], other=0.0).to(tl.float32)  # [G, 16] even columns
+            xo = tl.load(x_ptr + xoff + 1, mask=gmask[:, None], other=0.0).to(tl.float32)  # odd columns
             part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, G]
-            sc = tl.load(s_row + gi[None, :]).to(tl.float32)
-            acc += tl.sum(part * sc, axis=1)
-        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=rmask)
+            sc = tl.load(s_row + gi[None, :], mask=gmask[None, :], other=0.0).to(tl.float32)
+            acc += part * sc
+        tl.store(out_ptr + pid_k * N + rn, tl.sum(acc, axis=1), mask=rmask)
 
-    _q4_gemv_tuned = triton.autotune(configs=_gemv_configs(), key=["N", "K"],
-                                     prune_configs_by={"early_config_prune": _prune})(_q4_gemv_kernel)
+    _q4_gemv_tuned = triton.autotune(configs=_gemv_configs(), key=["N", "K", "KG_SPLIT"])(_q4_gemv_kernel)
 
     @triton.jit
     def _q4_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, KG, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+        """W[n, 32g + 2t] = (lo nibble - 8) * s, W[n, 32g + 2t + 1] = (hi nibble - 8) * s."""
         pid_n = tl.program_id(0)
         pid_g = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -135,23 +169,57 @@ def _check(q4: Tensor, scale: Tensor) -> tuple[int, int]:
     return n, k
 
 
-def q4_gemv_triton(x: Tensor, q4: Tensor, scale: Tensor, out: Tensor | None = None,
-                   autotune: bool = True) -> Tensor:
-    """Triton GEMV: x [K] or [1, K] (or any [..., K] holding one token) -> y [..., N] in x's dtype."""
+def gemv_split(n: int, k: int) -> int:
+    """K slices for a one-token GEMV. Narrow outputs need several to keep the GPU loading (about 1024 warps of 2
+    rows each, the CUDA kernel's shape), long rows (K >= 8192) one more; at most 8, at least 16 blocks a slice.
+    From the E4B-shape microbenchmark on an H200 (benchmarks/NOTES.md): more slices than this cost time."""
+    kg = k // BLOCK
+    split = -(-1024 // -(-n // 2)) * (2 if kg >= 256 else 1)
+    split = max(1, min(8, split, kg // 16))
+    return -(-kg // -(-kg // split))  # no empty slices: ceil(kg / ceil(kg / split))
+
+
+def q4_gemv_partials(x: Tensor, q4: Tensor, scale: Tensor, split: int | None = None,
+                     autotune: bool = True, impl: str = "auto") -> Tensor:
+    """GEMV for one token: fp32 partial sums [split, N] over `split` K slices (sum(0) is x @ W.T).
+
+    `impl`: "cuda" (the CUDA C++ kernel), "triton", or "auto" (CUDA where it builds, else Triton). Leaving the
+    final sum to the caller lets torch.compile fuse it (and the cast) into the next kernel."""
     n, k = _check(q4, scale)
     if x.shape[-1] != k or x.numel() != k:
         raise ValueError(f"q4_gemv: x {tuple(x.shape)} is not one token of width {k}")
+    split = split or gemv_split(n, k)
+    kg = k // BLOCK
+    kg_split = -(-kg // split)
+    if -(-kg // kg_split) != split:
+        raise ValueError(f"q4_gemv: {split} K slices of {kg} blocks would leave one empty (see gemv_split)")
+    if impl != "triton" and q4.is_cuda and cuda_ext() is not None:
+        return cuda_ext().q4_gemv_partials(x, q4, scale, split)
+    if impl == "cuda":
+        raise RuntimeError(f"the CUDA GEMV is unavailable: {_CUDA['error'] or 'tensors are not on CUDA'}")
     xc = x.contiguous()
-    y = out if out is not None else torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    out = torch.empty(split, n, dtype=torch.float32, device=x.device)
     if autotune:
         def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_N"]),)
+            return (triton.cdiv(n, meta["BLOCK_N"]), split)
 
-        _q4_gemv_tuned[grid](xc, q4, scale, y, n, k, k // BLOCK)
+        _q4_gemv_tuned[grid](xc, q4, scale, out, n, k, kg, kg_split)
     else:
-        groups = 8 if (k // BLOCK) % 8 == 0 else 1
-        _q4_gemv_kernel[(triton.cdiv(n, 8),)](xc, q4, scale, y, n, k, k // BLOCK, BLOCK_N=8, GROUPS=groups, num_warps=4)
-    return y
+        _q4_gemv_kernel[(triton.cdiv(n, 8), split)](xc, q4, scale, out, n, k, kg, kg_split, BLOCK_N=8, GROUPS=8,
+                                                    num_warps=4)
+    return out
+
+
+def q4_gemv_triton(x: Tensor, q4: Tensor, scale: Tensor, out: Tensor | None = None, autotune: bool = True,
+                   split: int | None = None, impl: str = "auto") -> Tensor:
+    """GPU GEMV: x [K] or [1, K] (or any [..., K] holding one token) -> y [..., N] in x's dtype."""
+    part = q4_gemv_partials(x, q4, scale, split, autotune, impl)
+    y = part.sum(0) if part.shape[0] > 1 else part[0]
+    y = y.to(x.dtype).view(*x.shape[:-1], -1)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
 
 
 def q4_dequant_triton(q4: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16,
@@ -159,9 +227,8 @@ def q4_dequant_triton(q4: Tensor, scale: Tensor, dtype: torch.dtype = torch.bflo
     n, k = _check(q4, scale)
     w = out if out is not None else torch.empty(n, k, dtype=dtype, device=q4.device)
     bn, g = 16, 8
-    _q4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k // BLOCK, g))](q4, scale, w, n, k, k // BLOCK, BLOCK_N=bn,
-                                                                         GROUPS=g,
-                                                                         num_warps=4)
+    grid = (triton.cdiv(n, bn), triton.cdiv(k // BLOCK, g))
+    _q4_dequant_kernel[grid](q4, scale, w, n, k, k // BLOCK, BLOCK_N=bn, GROUPS=g, num_warps=4)
     return w
 
 
@@ -188,6 +255,18 @@ def _op_q4_gemv(x: Tensor, q4: Tensor, scale: Tensor) -> Tensor:
 @_op_q4_gemv.register_fake
 def _(x: Tensor, q4: Tensor, scale: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], q4.shape[0])
+
+
+@torch.library.custom_op("gemma4::q4_gemv_partials", mutates_args=())
+def _op_q4_gemv_partials(x: Tensor, q4: Tensor, scale: Tensor, split: int) -> Tensor:
+    if triton_usable(q4):
+        return q4_gemv_partials(x, q4, scale, split, autotune=q4.is_cuda)
+    return q4_gemv_ref(x.float(), q4, scale).view(1, -1).expand(split, -1) / split
+
+
+@_op_q4_gemv_partials.register_fake
+def _(x: Tensor, q4: Tensor, scale: Tensor, split: int) -> Tensor:
+    return x.new_empty(split, q4.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("gemma4::q4_dequant", mutates_args=())

@@ -209,6 +209,14 @@ def set_kv_write(model: nn.Module, fn: KVWrite | None) -> None:
     _set_strategy(model, Attention, "kv_write", fn)
 
 
+AttendFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def set_attention(model: nn.Module, fn: AttendFn | None) -> None:
+    """Use `fn(q, k, v, allowed)` (same contract as `attention`) in every Attention of `model` (None: default)."""
+    _set_strategy(model, Attention, "attend", fn)
+
+
 # ---- modules ------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
@@ -251,9 +259,11 @@ def _tensor(weights: Mapping[str, Tensor], key: str) -> Tensor:
 
 class Attention(nn.Module):
     """`kv_write(cache, slot, positions, kv)` stores this step's K/V; the class default is `index_copy_kv_write`,
-    swapped per instance with `set_kv_write` (the CUDA fast path writes with an in-place scatter)."""
+    swapped per instance with `set_kv_write` (the CUDA fast path writes with an in-place scatter). `attend(q, k, v,
+    allowed)` is `attention` unless swapped with `set_attention` (the fast path's prefill uses a fused kernel)."""
 
     kv_write: KVWrite = staticmethod(index_copy_kv_write)
+    attend: AttendFn = staticmethod(attention)
 
     def __init__(self, spec: LayerSpec, b: _Builder):
         super().__init__()
@@ -289,7 +299,7 @@ class Attention(nn.Module):
             self.kv_write(v_cache, self.slot, positions, v)
         keys = k_cache[self.slot][:, :, :kv_len, :hd].to(q.dtype)
         values = v_cache[self.slot][:, :, :kv_len, :hd].to(q.dtype)
-        out = attention(q, keys, values, allowed)
+        out = self.attend(q, keys, values, allowed)
         return self.o_proj(out.transpose(1, 2).reshape(1, s, -1))
 
 
