@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # CPU comparison on this machine's cores, in one run: llama.cpp's CPU build (same sdist source as compare_gpu.sh)
 # on a Q4_0 GGUF of the E4B-shaped synthetic checkpoint, then gemma4-coreai bench on the bundle of the same
-# checkpoint with the native int4 kernel (--engine cpu-int4: q8 activations; cpu-int4-f32: fp32 activations),
-# then the stock torch engine (short: it dequantizes every linear per call), then llama.cpp again (drift check).
+# checkpoint with the native int4 kernel (--engine cpu-int4: q8 activations, decode step compiled with torch.compile;
+# the same with --no-compile: eager decode; cpu-int4-f32: fp32 activations, compiled), then the stock torch engine
+# (short: it dequantizes every linear per call), then llama.cpp again (drift check). Compile time is reported
+# (compile_s) and excluded from the timings.
 #
 #   benchmarks/compare_cpu.sh CKPT_DIR BUNDLE_DIR [WORKDIR]
 # Environment: LLAMA_BUILD (a llama.cpp CPU build dir holding bin/llama-bench and bin/llama-quantize; default:
@@ -22,9 +24,9 @@ if [ ! -x "$B/bin/llama-bench" ]; then
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF >/dev/null &&
   cmake --build "$B" --target llama-bench llama-quantize -j "$T" >/dev/null || exit 1
 fi
-SRC=${LLAMA_SRC_DIR:-$W/llama-src}
-[ -f "$SRC/convert_hf_to_gguf.py" ] || { STAGES="fetch" bash "$REPO/benchmarks/compare_gpu.sh" "$W" >/dev/null; SRC=$W/llama-src; }
 if [ ! -f "$W/e4b-q4_0.gguf" ]; then
+  SRC=${LLAMA_SRC_DIR:-$W/llama-src}  # the converter is only needed to make the GGUF
+  [ -f "$SRC/convert_hf_to_gguf.py" ] || { STAGES="fetch" bash "$REPO/benchmarks/compare_gpu.sh" "$W" >/dev/null; SRC=$W/llama-src; }
   rm -rf "$W/gguf-src" && mkdir -p "$W/gguf-src"
   for f in "$CKPT"/*; do case "$(basename "$f")" in tokenizer*|special_tokens_map.json) ;; *) ln -s "$f" "$W/gguf-src/";; esac; done
   "$PY" "$REPO/benchmarks/llama_tokenizer.py" "$W/gguf-src" --vocab-size 262144 >/dev/null
@@ -41,15 +43,16 @@ llama() {
 date -u; uname -m; nproc; grep -m1 'model name' /proc/cpuinfo; uptime
 echo "=== llama.cpp CPU ($T threads): llama-bench -p $P -n $G -t $T -r $R"
 llama ""
-for e in cpu-int4 cpu-int4-f32; do
-  echo "=== gemma4-coreai CPU --engine $e"
-  "$PY" -m gemma4_coreai.bench "$BUNDLE" --device cpu --engine "$e" --prompt-len "$P" --gen-len "$G" --repeats "$R" \
-    -o "$W/ours-$e.json"
+for run in cpu-int4 cpu-int4:--no-compile cpu-int4-f32; do
+  e=${run%%:*}; extra=${run#"$e"}; extra=${extra#:}; name=$e${extra:+-eager}
+  echo "=== gemma4-coreai CPU --engine $e $extra"; uptime
+  "$PY" -m gemma4_coreai.bench "$BUNDLE" --device cpu --engine "$e" $extra --prompt-len "$P" --gen-len "$G" \
+    --repeats "$R" -o "$W/ours-$name.json"
 done
 echo "=== gemma4-coreai CPU --engine stock (short)"
 "$PY" -m gemma4_coreai.bench "$BUNDLE" --device cpu --engine stock ${STOCK_ARGS:---prompt-len 16 --gen-len 3 --repeats 1 --warmup 0} \
   -o "$W/ours-stock.json"
-echo "=== llama.cpp CPU again (drift check)"
+echo "=== llama.cpp CPU again (drift check)"; uptime
 llama "-2"
 "$PY" - "$W" <<'PYEOF'
 import json, sys
@@ -57,12 +60,12 @@ w = sys.argv[1]
 ll = [json.load(open(f"{w}/llama-cpu{s}.json")) for s in ("", "-2")]
 lpp = sum(r["avg_ts"] for l in ll for r in l if r["n_prompt"]) / 2
 ltg = sum(r["avg_ts"] for l in ll for r in l if r["n_gen"]) / 2
-for e in ("cpu-int4", "cpu-int4-f32", "stock"):
+for e in ("cpu-int4", "cpu-int4-eager", "cpu-int4-f32", "stock"):
     r = json.load(open(f"{w}/ours-{e}.json"))
     row = r["results"][0]
     lin = row["bytes_per_decode_step"]["linears"]
     dec = row.get("decode_tps", {}).get("median", float("nan"))
-    print(f"{e:>13}: prefill {row['prefill_tps']['median']:.2f} tok/s ({row['prefill_tps']['median'] / lpp:.2f}x llama.cpp "
+    print(f"{e:>14}: prefill {row['prefill_tps']['median']:.2f} tok/s ({row['prefill_tps']['median'] / lpp:.2f}x llama.cpp "
           f"{lpp:.2f}), decode {dec:.2f} tok/s ({dec / ltg:.2f}x llama.cpp {ltg:.2f}); "
-          f"int4 linears {lin * dec / 1e9:.1f} GB/s")
+          f"int4 linears {lin * dec / 1e9:.1f} GB/s; compile {r['compile_s']:.0f} s")
 PYEOF

@@ -54,3 +54,28 @@ def test_bench_errors(tiny_bundle, capsys):
     assert B.main([str(tiny_bundle), "--gen-len", "0"]) == 2
     assert "error:" in capsys.readouterr().err
     assert B.main([str(tiny_bundle), "--engine", "fast", "--device", "cpu"]) == 2
+
+
+def test_bench_cpu_int4_compiles_by_default(tiny_bundle, monkeypatch):
+    """The cpu-int4 engine compiles its decode step unless compile=False (--no-compile); compile time is spent
+    in `warm`, outside the timings, and reported. The compile itself is stubbed here (eager step; the real one
+    is tested in test_cpu_kernels.py)."""
+    from gemma4_coreai import cpu_kernels
+    from gemma4_coreai.backends import TorchBackend
+
+    if cpu_kernels.load() is None:
+        pytest.skip(f"native CPU int4 kernel unavailable: {cpu_kernels.last_error()}")
+    built = []
+
+    def fake_compile(self):
+        built.append(self)
+        return lambda ids, pos, ple, kv_len: self.model(ids, pos, ple, kv_len=kv_len)
+
+    monkeypatch.setattr(TorchBackend, "_compile_decode", fake_compile)
+    kw = dict(device="cpu", engine="cpu-int4", prompt_lens=[8], gen_len=4, repeats=1, warmup=0,
+              measure_bandwidth=False)
+    rec = B.bench(tiny_bundle, **kw)
+    assert len(built) == 1 and "compiled decode" in rec["engine"] and rec["compile_s"] > 0
+    assert rec["results"][0]["decode_tps"]["median"] > 0
+    eager = B.bench(tiny_bundle, compile=False, **kw)
+    assert len(built) == 1 and "compiled" not in eager["engine"] and eager["compile_s"] == 0

@@ -11,6 +11,8 @@ takes ~45 s on 2 cores; later runs load it from torch's extension cache.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -121,3 +123,83 @@ def test_strategy_is_opt_in_and_cpu_only():
         tm.backend(ref, linear_strategy="cpu-int4", linear_storage="dense")
     with pytest.raises(Gemma4Error):
         tm.backend(ref, linear_strategy="nope")
+
+
+# ---- the compiled decode step (TorchBackend(compile=True): torch.compile, the kernel an opaque op) ------------
+# On the 4-layer `mini` model (both layer types, KV sharing, window 4): each compile takes ~10-20 s on 2 cores.
+
+@functools.cache
+def mini_reference():
+    from hf_reference import build_reference, mini
+
+    return build_reference(mini())
+
+
+def _decode_synced(eager, compiled, ids: list[int], toks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill both backends, then decode `toks` one by one (teacher-forced); before each step the eager
+    backend's KV cache is set to the compiled one's, so each step is compared from the same state."""
+    for be in (eager, compiled):
+        be.reset()
+        be.prefill(ids)
+    got, want = [], []
+    for t in toks:
+        eager.model.k_cache.copy_(compiled.model.k_cache)
+        eager.model.v_cache.copy_(compiled.model.v_cache)
+        want.append(eager.decode(t))
+        got.append(compiled.decode(t))
+    return torch.stack(got), torch.stack(want)
+
+
+@pytest.mark.parametrize("strategy", ["cpu-int4-f32", "cpu-int4"])
+def test_compiled_decode_matches_eager(strategy):
+    """12 one-token steps from position 3, across the sliding window (4). fp32 activations: every step within
+    fp32 fusion rounding of eager. q8 activations (the engine's default): the same, except where inductor's
+    1-ulp differences move an activation across an int8 rounding boundary (one quantization level, visible in
+    the logits): such steps must be rare and stay within the q8 rounding scale. Then the engine's greedy tokens
+    (prompt past the window, 32 tokens) agree with the fp32 stock path (margin rule)."""
+    import test_model as tm
+
+    ref = mini_reference()
+    ids, toks = tm.prompt(ref, seed=3)[:3], tm.prompt(ref, seed=4)[:12]
+    eager = tm.backend(ref, linear_strategy=strategy)
+    compiled = tm.backend(ref, linear_strategy=strategy, compile=True)
+    assert "compiled decode" in compiled.describe() and "compiled" not in eager.describe()
+    got, want = _decode_synced(eager, compiled, ids, toks)
+    assert compiled._step is not None  # no fallback to eager happened
+    diff = (got - want).abs().amax(-1)
+    if strategy == "cpu-int4-f32":
+        assert float(diff.max()) <= 1e-4, diff
+    else:
+        assert int((diff <= 1e-4).sum()) >= len(toks) // 2, diff
+        assert float(diff.max()) <= 0.05 * float(want.abs().max()), diff
+    prompt = tm.prompt(ref, seed=2)  # fp32 top-2 gaps all > 0.8 on this prompt: no near-ties to excuse
+    want_toks, want_logits = tm.greedy(tm.backend(ref), prompt)
+    tm.assert_greedy_agrees(tm.greedy(compiled, prompt)[0], want_toks, want_logits, tm.TIE_GAP)
+
+
+def test_compile_falls_back_to_eager_once():
+    import test_model as tm
+
+    ref = mini_reference()
+    be = tm.backend(ref, linear_strategy="cpu-int4-f32", compile=True)
+    want = tm.backend(ref, linear_strategy="cpu-int4-f32")
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    be._step = broken
+    for b in (be, want):
+        b.prefill(tm.prompt(ref)[:5])
+    with pytest.warns(RuntimeWarning, match="decoding eagerly"):
+        got = be.decode(3)
+    assert be._step is None and "compiled" not in be.describe()
+    assert torch.equal(got, want.decode(3))
+
+
+def test_compile_needs_the_native_kernel():
+    import test_model as tm
+
+    from gemma4_coreai.errors import Gemma4Error
+
+    with pytest.raises(Gemma4Error, match="compile"):
+        tm.backend(mini_reference(), compile=True)

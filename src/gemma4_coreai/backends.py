@@ -7,6 +7,7 @@ a resident buffer gathered in-graph.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,9 @@ DEFAULT_MAX_CONTEXT = 4096
 # "cpu-int4": the native AVX2 kernel (cpu_kernels.py) with q8_0-quantized activations (approximate, like
 # llama.cpp); "cpu-int4-f32": the same kernel with fp32 activations. Both are CPU-only and opt-in.
 LINEAR_STRATEGIES = ("stock", "cpu-int4", "cpu-int4-f32")
+# inductor options of the compiled CPU decode step (TorchBackend(compile=True)): no per-call size/alignment
+# asserts on the ~1000 inputs (~1.3 ms of an E4B step; benchmarks/NOTES.md).
+CPU_COMPILE_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
 # Dequantize every linear once (fast) while the dense copy fits this budget; beyond it keep packed int4.
 DENSE_BUDGET_BYTES = {"cpu": 4 << 30, "cuda": 24 << 30}
 
@@ -95,19 +99,22 @@ class TorchBackend:
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], ple_table: Any, ple_scale: Any, *,
                  device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                  ple_mode: str | None = None, max_context: int | None = None, linear_storage: str | None = None,
-                 linear_strategy: str | None = None):
+                 linear_strategy: str | None = None, compile: bool = False):
+        """`compile`: run one-token decode steps through `torch.compile` (cpu-int4 strategies; `_compile_decode`)."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         strategy = linear_strategy or "stock"
         if strategy not in LINEAR_STRATEGIES:
             raise Gemma4Error(f"unknown linear strategy {strategy!r}: expected one of {', '.join(LINEAR_STRATEGIES)}")
+        if compile and strategy == "stock":  # the compiled step is built (and tested) around the native kernel
+            raise Gemma4Error("compile needs a cpu-int4 linear strategy (the CUDA fast engine compiles on its own)")
         if strategy != "stock":
             from . import cpu_kernels
 
             if self.device.type != "cpu":
                 raise Gemma4Error(f"linear strategy {strategy!r} is CPU-only (device is {self.device})")
-            if cpu_kernels.load() is None:  # one warning already given: keep the stock path
-                strategy = "stock"
+            if cpu_kernels.load() is None:  # one warning already given: keep the stock path, eager
+                strategy, compile = "stock", False
             elif linear_storage not in (None, "packed"):
                 raise Gemma4Error(f"linear strategy {strategy!r} reads packed int4 weights: linear storage "
                                   f"{linear_storage!r} is not supported with it")
@@ -136,9 +143,13 @@ class TorchBackend:
         self.model.eval()
         if strategy != "stock":
             from . import cpu_kernels
+            from .fast import stack_projections
 
+            stack_projections(self.model)  # one product for q/k/v and one for gate/up (exact: rows are independent)
             cpu_kernels.install(self.model, "f32" if strategy == "cpu-int4-f32" else "q8")
         self._position = 0
+        self.compile_s = 0.0  # seconds spent in `warm` (compiling the decode step), outside bench timings
+        self._step = self._compile_decode() if compile else None
 
     @classmethod
     def from_bundle(cls, bundle: Any, **kw: Any) -> TorchBackend:
@@ -147,6 +158,41 @@ class TorchBackend:
             kw["max_context"] = bundle.max_context
         return cls(bundle.config, _BundleTensors(bundle), bundle.ple_table(), bundle.ple_scale(), **kw)
 
+    def _compile_decode(self):
+        """The one-token step `model(ids, pos, ple, kv_len=n)` compiled whole by inductor's C++ backend (kv_len
+        dynamic; the native int4 kernel stays an opaque op, `torch.ops.gemma4_cpu.q4_mm`) with the fast path's
+        in-place KV write. The model's tensors go in as arguments (`functional_call`) instead of being read off the
+        module tree: dynamo's per-call input gathering and guards over ~1000 module attributes cost ~4 ms of an
+        E4B step (benchmarks/NOTES.md). Views (the parts of stacked projections) are left out: the step reads the
+        stacked buffers. Compiled on the first decode step (see `warm`); the tensors are bound now, so buffers must
+        be updated in place afterwards (as `reset_cache` does)."""
+        from .fast import scatter_kv_write
+        from .model import set_kv_write
+
+        set_kv_write(self.model, scatter_kv_write)  # eager-identical; stays in place under inductor
+        model = self.model
+        names, tensors = zip(*((n, t) for n, t in model.named_buffers() if t._base is None), strict=True)
+
+        def step(ids: torch.Tensor, pos: torch.Tensor, ple: torch.Tensor | None, kv_len: int, *ts: torch.Tensor):
+            state = dict(zip(names, ts, strict=True))
+            return torch.func.functional_call(model, state, (ids, pos, ple), {"kv_len": kv_len})
+
+        compiled = torch.compile(step, fullgraph=True, dynamic=True, options=dict(CPU_COMPILE_OPTIONS))
+        return lambda ids, pos, ple, kv_len: compiled(ids, pos, ple, kv_len, *tensors)
+
+    def warm(self, positions: Sequence[int]) -> None:
+        """Compile the decode step before timing: one step at each position (its KV entry is rewritten by the real
+        step at that position before anything reads it; the sequence position is unchanged)."""
+        if self._step is None:
+            return
+        t0, saved = time.perf_counter(), self._position
+        for p in positions:
+            if p < self.max_context:
+                self._position = p
+                self.decode(0)
+        self._position = saved
+        self.compile_s += time.perf_counter() - t0
+
     @property
     def position(self) -> int:
         """Tokens in the current sequence (the position the next token will take)."""
@@ -154,8 +200,9 @@ class TorchBackend:
 
     def describe(self) -> str:
         kern = "" if self.linear_strategy == "stock" else f" via {self.linear_strategy}"
+        how = ", compiled decode" if self._step is not None else ""
         return (f"torch {self.device.type} {_dtype_name(self.dtype)} {self.ple_mode} "
-                f"(linears {self.model.lm_head.storage}{kern}, max context {self.max_context})")
+                f"(linears {self.model.lm_head.storage}{kern}{how}, max context {self.max_context})")
 
     def reset(self) -> None:
         self._position = 0
@@ -203,9 +250,23 @@ class TorchBackend:
         start = self._position
         x = torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True)
         pos = torch.tensor(start, dtype=torch.long).to(self.device, non_blocking=True)
-        logits = self.model(x, pos, self._ple_rows(ids), kv_len=start + len(ids), last_only=last_only)
+        if self._step is not None and len(ids) == 1:
+            logits = self._compiled_step(x, pos, self._ple_rows(ids), start + 1)
+        else:
+            logits = self.model(x, pos, self._ple_rows(ids), kv_len=start + len(ids), last_only=last_only)
         self._position = start + len(ids)
         return logits[0]
+
+    def _compiled_step(self, x: torch.Tensor, pos: torch.Tensor, ple: torch.Tensor | None, kv_len: int):
+        """The compiled one-token step; if compiling fails, decode eagerly from then on (one warning)."""
+        try:
+            return self._step(x, pos, ple, kv_len)
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            warnings.warn(f"gemma4-coreai: torch.compile of the decode step failed ({type(e).__name__}: {msg}); "
+                          f"decoding eagerly", RuntimeWarning, stacklevel=3)
+            self._step = None
+            return self.model(x, pos, ple, kv_len=kv_len)
 
 
 class _BundleTensors:

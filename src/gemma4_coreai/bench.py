@@ -133,7 +133,7 @@ def make_engine(bundle: Any, device: torch.device, engine: str, ple_mode: str | 
         if device.type != "cpu":
             raise Gemma4Error(f"engine {engine!r} needs --device cpu")
         return TorchBackend.from_bundle(bundle, device=device, dtype=dtype, ple_mode=ple_mode, max_context=max_context,
-                                        linear_strategy=engine)
+                                        linear_strategy=engine, compile=compile)
     return TorchBackend.from_bundle(bundle, device=device, dtype=dtype, ple_mode=ple_mode, max_context=max_context)
 
 
@@ -294,9 +294,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="fast (CUDA: Triton int4 + CUDA graphs), stock (model.py eager), auto (default: fast on "
                         "cuda, stock on cpu), cpu-int4 (CPU: native AVX2 int4 kernel, q8 activations like llama.cpp, "
-                        "approximate), cpu-int4-f32 (the same kernel with fp32 activations)")
+                        "approximate; decode steps compiled with torch.compile), cpu-int4-f32 (the same kernel with "
+                        "fp32 activations)")
     p.add_argument("--dtype", default=None, help="stock engine compute dtype (fp32, bf16, fp16)")
-    p.add_argument("--no-compile", action="store_true", help="fast engine: CUDA graphs without torch.compile")
+    p.add_argument("--no-compile", action="store_true",
+                   help="fast engine: CUDA graphs without torch.compile; cpu-int4 engines: eager decode steps")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
     p.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     p.add_argument("-o", "--out", type=Path, default=None, metavar="FILE", help="also write the JSON record here")

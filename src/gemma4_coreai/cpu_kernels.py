@@ -13,8 +13,10 @@ Two activation modes:
   function up to fp32 summation order.
 
 The stock path (`model.dequant_linear`) stays the default everywhere; `install(model, mode)` swaps the linear
-function of every `Q4Linear` that keeps packed weights. If the extension cannot be built (no compiler, no AVX2),
-`load()` returns None with one warning and callers keep the stock path.
+function of every `Q4Linear` that keeps packed weights. The kernel is also a dispatcher op,
+`torch.ops.gemma4_cpu.q4_mm` (with a fake implementation), which the linear function calls while being traced, so
+that a compiled decode step (`backends.TorchBackend(compile=True)`) keeps it opaque. If the extension cannot be
+built (no compiler, no AVX2), `load()` returns None with one warning and callers keep the stock path.
 """
 
 from __future__ import annotations
@@ -59,12 +61,18 @@ def load(verbose: bool = False):
             os.environ.setdefault("MAX_JOBS", "2")
             _EXT = _load(name="gemma4_q4_cpu", sources=[str(SOURCE)], extra_cflags=flags,
                          extra_ldflags=["-fopenmp"], verbose=verbose)
+            torch.library.register_fake("gemma4_cpu::q4_mm")(_q4_mm_fake)
         except Exception as e:  # noqa: BLE001 - any build failure means: keep the stock path
             _ERROR = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
     if _EXT is None:
         warnings.warn(f"gemma4-coreai: the native CPU int4 kernel is unavailable ({_ERROR}); "
                       f"using the stock dequantize + matmul path", RuntimeWarning, stacklevel=2)
     return _EXT
+
+
+def _q4_mm_fake(x: Tensor, q4: Tensor, scale: Tensor, mode: int) -> Tensor:
+    """Shape of `torch.ops.gemma4_cpu.q4_mm` for torch.compile: [M, K] -> [M, N] fp32."""
+    return x.new_empty(x.shape[0], q4.shape[0])
 
 
 def available() -> bool:
@@ -101,6 +109,9 @@ def make_linear_fn(mode: str = "q8"):
 
     def cpu_int4_linear(m, x: Tensor) -> Tensor:
         shape = x.shape
+        if torch.compiler.is_compiling():  # traced: the dispatcher op, opaque to inductor
+            y = torch.ops.gemma4_cpu.q4_mm(x.reshape(-1, shape[-1]).to(fp32).contiguous(), m.q4, m.scale, code)
+            return y.view(*shape[:-1], -1).to(x.dtype)
         if x.dtype is fp32 and x.is_contiguous():  # the common case, kept short: ~300 calls per E4B token
             return ext.q4_mm(x.view(-1, shape[-1]), m.q4, m.scale, code).view(*shape[:-1], -1)
         y = ext.q4_mm(x.reshape(-1, shape[-1]).to(fp32).contiguous(), m.q4, m.scale, code)

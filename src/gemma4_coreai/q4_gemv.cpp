@@ -387,6 +387,11 @@ torch::Tensor q4_mm(torch::Tensor x, torch::Tensor q4, torch::Tensor scale, int6
 // Bytes of the next weight the helper touches ahead of time (0: off); returns the previous value.
 int64_t set_lookahead(int64_t nbytes) { return g_ahead.exchange(nbytes); }
 
+// The same product as a dispatcher op, torch.ops.gemma4_cpu.q4_mm (its fake implementation is in cpu_kernels.py):
+// torch.compile keeps it opaque and fuses everything around it.
+TORCH_LIBRARY(gemma4_cpu, m) { m.def("q4_mm(Tensor x, Tensor q4, Tensor scale, int mode) -> Tensor"); }
+TORCH_LIBRARY_IMPL(gemma4_cpu, CPU, m) { m.impl("q4_mm", &q4_mm); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_lookahead", &set_lookahead, "bytes of the next weight touched ahead by the helper thread (0: off)");
   m.def("q4_mm", &q4_mm, "q4_0 matmul: y = x @ W.T (mode 0: q8 activations, 1: fp32 activations)");
