@@ -161,11 +161,13 @@ class TorchBackend:
     def _compile_decode(self):
         """The one-token step `model(ids, pos, ple, kv_len=n)` compiled whole by inductor's C++ backend (kv_len
         dynamic; the native int4 kernel stays an opaque op, `torch.ops.gemma4_cpu.q4_mm`) with the fast path's
-        in-place KV write. The model's tensors go in as arguments (`functional_call`) instead of being read off the
-        module tree: dynamo's per-call input gathering and guards over ~1000 module attributes cost ~4 ms of an
-        E4B step (benchmarks/NOTES.md). Views (the parts of stacked projections) are left out: the step reads the
-        stacked buffers. Compiled on the first decode step (see `warm`); the tensors are bound now, so buffers must
-        be updated in place afterwards (as `reset_cache` does)."""
+        in-place KV write. Per-call overhead trimmed (benchmarks/NOTES.md, E4B): the model's tensors go in as
+        arguments (`functional_call`; views, i.e. the parts of stacked projections, left out) instead of being read
+        off the module tree (-3 ms), and where torch has `aot_compile` the step is compiled once ahead of time and
+        called without dynamo's guard evaluation over its ~800 inputs (-3.5 ms). That is safe because every call
+        passes the same tensors and input kinds: only kv_len changes, and it is symbolic in the graph. Compiled on
+        the first decode step (see `warm`); the tensors are bound now, so buffers must be updated in place
+        afterwards (as `reset_cache` does)."""
         from .fast import scatter_kv_write
         from .model import set_kv_write
 
@@ -178,7 +180,22 @@ class TorchBackend:
             return torch.func.functional_call(model, state, (ids, pos, ple), {"kv_len": kv_len})
 
         compiled = torch.compile(step, fullgraph=True, dynamic=True, options=dict(CPU_COMPILE_OPTIONS))
-        return lambda ids, pos, ple, kv_len: compiled(ids, pos, ple, kv_len, *tensors)
+        ready = None
+
+        def run(ids: torch.Tensor, pos: torch.Tensor, ple: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+            nonlocal ready
+            args = (ids, pos, ple, kv_len, *tensors)
+            if ready is None:  # first call: compile for these inputs, of which only kv_len ever changes (symbolic)
+                ready = compiled
+                if hasattr(compiled, "aot_compile"):  # newer torch (2.13 here): no per-call guard evaluation
+                    try:
+                        ready = compiled.aot_compile((args, {}))
+                        ready.disable_guard_check()
+                    except Exception:  # noqa: BLE001 - e.g. inductor caches disabled: the plain compiled step
+                        ready = compiled
+            return ready(*args)
+
+        return run
 
     def warm(self, positions: Sequence[int]) -> None:
         """Compile the decode step before timing: one step at each position (its KV entry is rewritten by the real
