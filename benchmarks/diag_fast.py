@@ -1,7 +1,8 @@
 """Where does the fast path's time go? Decode: one CUDA-graph replay under torch.profiler (kernels per step, kernel
-time vs wall time, top kernels). Prefill: one batched prefill profiled the same way, with and without SDPA.
+time vs wall time, top kernels), then the GEMV kernel picked per shape. Prefill: timed per chunk size, and one
+batched prefill profiled the same way.
 
-    PYTHONPATH=src python benchmarks/diag_fast.py [BUNDLE | tiny | e4b] [--prompt N] [--context N]
+    PYTHONPATH=src python benchmarks/diag_fast.py [BUNDLE | tiny | e4b] [--prompt N] [--context N] [--chunks N ..]
 
 A shape name synthesises and converts a bundle in a temporary directory first (E4B: ~3 min, 21 GB of disk).
 """
@@ -18,9 +19,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from gemma4_coreai import fast
 from gemma4_coreai.bundle import Bundle, convert
-from gemma4_coreai.fast import FastCudaBackend, sdpa_attention
-from gemma4_coreai.model import set_attention
+from gemma4_coreai.fast import FastCudaBackend
 from gemma4_coreai.synth import synthesize
 
 
@@ -54,6 +55,8 @@ def main() -> int:
     ap.add_argument("bundle", nargs="?", default="tiny")
     ap.add_argument("--prompt", type=int, default=4096, help="prefill length to profile")
     ap.add_argument("--context", type=int, default=128, help="decode position to profile")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[fast.PREFILL_CHUNK],
+                    help="prefill chunk sizes to time (fast.PREFILL_CHUNK is the default)")
     args = ap.parse_args()
     path = Path(args.bundle)
     if not path.exists():
@@ -92,10 +95,13 @@ def main() -> int:
     g = fb._graphs[fb._bucket(fb.position)]
     show(f"one decode step (graph replay, {cfg.num_layers} layers)", kernel_table(g.replay, top=16))
 
-    torch.cuda.reset_peak_memory_stats()
+    for r in fb.gemv_report():
+        print(f"gemv N={r['N']:>6} K={r['K']:>5}: {r['kernel']:<10} split {r['split']:>2} layout {r['layout']:<6} "
+              f"{r['us'] or float('nan'):6.1f} us ({r['candidates']} timed)")
     long_ids = ids[:args.prompt]
-    for sdpa in (True, False):
-        set_attention(fb.model, sdpa_attention if sdpa else None)
+    for chunk in args.chunks:
+        fast.PREFILL_CHUNK = chunk
+        torch.cuda.reset_peak_memory_stats()
         fb.reset()
         fb.prefill(long_ids)  # warm
         times = []
@@ -107,12 +113,11 @@ def main() -> int:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         best = min(times)
-        print(f"\nprefill {args.prompt} tokens, sdpa={sdpa}: {best * 1e3:.1f} ms ({args.prompt / best:,.0f} tok/s), "
-              f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        if sdpa:
+        print(f"\nprefill {args.prompt} tokens in chunks of {chunk}: {best * 1e3:.1f} ms ({args.prompt / best:,.0f} "
+              f"tok/s), peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        if chunk == args.chunks[0]:
             fb.reset()
             show(f"prefill {args.prompt}", kernel_table(lambda: fb.prefill(long_ids)))
-    set_attention(fb.model, sdpa_attention)
     return 0
 
 

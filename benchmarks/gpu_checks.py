@@ -12,6 +12,7 @@ import sys
 import torch
 
 from gemma4_coreai.fast import copy_bandwidth, gemv_microbench
+from gemma4_coreai.kernels import FRAG_VARIANTS, GEMV_VARIANTS
 
 # [N, K] of every E4B linear kind (see ModelConfig.linear_shapes): per-layer counts in the last column.
 E4B_SHAPES = {
@@ -54,35 +55,42 @@ def main() -> int:
     info["copy_GBps"] = bw / 1e9
     print(json.dumps(info), flush=True)
     rows = gemv_microbench([(n, k) for n, k, _ in E4B_SHAPES.values()])
-    total = {"gemv_fast_path": 0.0, "gemv": 0.0, "triton": 0.0, "tinygemm": 0.0, "bf16": 0.0, "bytes": 0}
-    for (name, (_, _, count)), r in zip(E4B_SHAPES.items(), rows, strict=True):
-        r["name"], r["count"] = name, count
-        total["gemv_fast_path"] += r["gemv_us"] * FAST_PATH_COUNTS.get(name, count)
-        if "stacked" not in name:  # the per-token totals below: every linear separate
-            total["gemv"] += r["gemv_us"] * count
-            total["triton"] += r["triton_us"] * count
-            total["tinygemm"] += (r["tinygemm_us"] or float("nan")) * count
-            total["bf16"] += r["bf16_cublas_us"] * count
-            total["bytes"] += r["bytes"] * count
-    out = {"env": info, "gemv": rows, "per_token_linears": total}
+    out = {"env": info, "gemv": rows}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-    print(f"\n{'shape':<21} {'N':>7} {'K':>6} {'x/tok':>5} {rows[0]['impl'] + ' us':>9} {'GB/s':>6} {'%copy':>5} "
-          f"{'triton us':>9} {'tinygemm us':>11} {'bf16 us':>8} {'rel err':>8}  split: us")
-    for r in rows:
-        tg = f"{r['tinygemm_us']:.1f}" if r["tinygemm_us"] is not None else "-"
-        print(f"{r['name']:<21} {r['N']:>7} {r['K']:>6} {r['count']:>5} {r['gemv_us']:>9.1f} "
-              f"{r['gemv_GBps']:>6.0f} {100 * r['gemv_GBps'] * 1e9 / bw:>4.0f}% {r['triton_us']:>9.1f} {tg:>11} "
-              f"{r['bf16_cublas_us']:>8.1f} {r['rel_err']:>8.1e}  "
-              + " ".join(f"{sp}:{t:.1f}" for sp, t in r["per_split_us"].items()))
-    print(f"per-token linears (sum over E4B, kernel time only): {rows[0]['impl']} {total['gemv'] / 1e3:.3f} ms, "
-          f"triton {total['triton'] / 1e3:.3f} ms, tinygemm "
-          f"{total['tinygemm'] / 1e3:.3f} ms, bf16 cuBLAS {total['bf16'] / 1e3:.3f} ms; "
-          f"bytes {total['bytes'] / 1e9:.3f}"
-          f" GB -> floor {total['bytes'] / bw * 1e3:.3f} ms at {bw / 1e9:.0f} GB/s copy")
-    print(f"per-token linears as the fast path runs them (stacked): {rows[0]['impl']} "
-          f"{total['gemv_fast_path'] / 1e3:.3f} ms")
+            json.dump(out, f, indent=1, default=str)
+
+    def best_of(r, variants):
+        got = [(t, v, sp) for v, ps in r["variants"].items() if v in variants for sp, t in ps.items()]
+        return min(got) if got else (float("nan"), None, None)
+
+    core = [v for v in GEMV_VARIANTS if v not in FRAG_VARIANTS and not GEMV_VARIANTS[v].startswith("read-only")]
+    probe = [v for v in GEMV_VARIANTS if GEMV_VARIANTS[v].startswith("read-only")]
+    tot = {"default": 0.0, "core": 0.0, "mma": 0.0, "best": 0.0, "probe": 0.0, "tinygemm": 0.0, "bf16": 0.0,
+           "bytes": 0}
+    print(f"\n{'shape':<21} {'N':>7} {'K':>6} {'x/tok':>5} {'default':>8} {'best core (v:split)':>20} "
+          f"{'read-only':>9} {'best mma (v:split)':>19} {'best GB/s':>9} {'%copy':>5} {'triton':>7} {'tinygemm':>8} "
+          f"{'bf16':>6} {'max err':>8}")
+    for (name, (_, _, count)), r in zip(E4B_SHAPES.items(), rows, strict=True):
+        per_tok = FAST_PATH_COUNTS.get(name, count)
+        c, m, ro = best_of(r, core), best_of(r, FRAG_VARIANTS), best_of(r, probe)
+        best = min(c[0], m[0]) if m[1] is not None else c[0]
+        errs = [e for e in r["rel_err"].values() if e is not None]
+        gbps = r["bytes"] / best / 1e3
+        for key, val in (("default", r["default_us"] or c[0]), ("core", c[0]), ("mma", m[0] if m[1] is not None
+                         else c[0]), ("best", best), ("probe", ro[0]), ("tinygemm", r["tinygemm_us"] or float("nan")),
+                         ("bf16", r["bf16_cublas_us"])):
+            tot[key] += val * per_tok
+        tot["bytes"] += r["bytes"] * per_tok
+        print(f"{name:<21} {r['N']:>7} {r['K']:>6} {per_tok:>5} {r['default_us'] or float('nan'):>8.1f} "
+              f"{c[0]:>10.1f} ({c[1]}:{c[2]}){'':>3} {ro[0]:>9.1f} {m[0]:>9.1f} ({m[1]}:{m[2]}){'':>2} "
+              f"{gbps:>9.0f} {100 * gbps * 1e9 / bw:>4.0f}% {r['triton_us']:>7.1f} "
+              f"{r['tinygemm_us'] or float('nan'):>8.1f} {r['bf16_cublas_us']:>6.1f} {max(errs):>8.1e}")
+    print(f"per token as the fast path runs them (q/k/v and gate/up stacked), kernel time only, ms: default "
+          f"{tot['default'] / 1e3:.3f}, best CUDA-core {tot['core'] / 1e3:.3f}, best tensor-core {tot['mma'] / 1e3:.3f}"
+          f", best of both {tot['best'] / 1e3:.3f}, read-only probe {tot['probe'] / 1e3:.3f}, tinygemm "
+          f"{tot['tinygemm'] / 1e3:.3f}, bf16 cuBLAS {tot['bf16'] / 1e3:.3f}; {tot['bytes'] / 1e9:.3f} GB -> floor "
+          f"{tot['bytes'] / bw * 1e3:.3f} ms at {bw / 1e9:.0f} GB/s copy")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -264,18 +265,23 @@ def test_sdpa_attention_matches_stock():
         assert float((sdpa_attention(q, k, v, allowed) - want).abs().max()) < 1e-5
 
 
-def test_fast_strategies_prefill_matches_stock():
-    """With the fast path's strategies in (stacked projections, scatter KV write, SDPA attention, its linear
-    function: on CPU the custom ops' stock fallbacks), chunked prefill then decode logits equal the stock model's
-    in fp32 (summation order aside)."""
+@pytest.mark.parametrize("frag", [False, True])
+def test_fast_strategies_prefill_matches_stock(frag):
+    """With the fast path's strategies in (frag layout where shapes allow it, stacked projections, scatter KV
+    write, SDPA attention, its linear function: on CPU the custom ops' stock fallbacks), chunked prefill then
+    decode logits equal the stock model's in fp32 (summation order aside)."""
     from hf_reference import build_reference, tiny
 
-    from gemma4_coreai.fast import fast_linear, scatter_kv_write, sdpa_attention, stack_projections
+    from gemma4_coreai.fast import fast_linear, scatter_kv_write, sdpa_attention, stack_projections, use_frag_layout
     from gemma4_coreai.model import Gemma4Model, set_attention, set_kv_write, set_linear_fn
 
     ref = build_reference(tiny())
     a, b = (Gemma4Model(ref.cfg, ref.weights, ple_mode="tbl", max_context=48, linear_storage="packed",
                         ple_table=ref.ple_table, ple_scale=ref.ple_scale).eval() for _ in range(2))
+    if frag:  # the tiny config has both: K = 128, 256 convert; the PLE projection (K = 32) stays packed
+        n_frag = use_frag_layout(b)
+        layouts = {lin.layout for _, lin in b.q4_linears()}
+        assert n_frag > 0 and layouts == {"frag", "packed"}
     stack_projections(b)
     set_kv_write(b, scatter_kv_write)
     set_attention(b, sdpa_attention)
@@ -286,6 +292,102 @@ def test_fast_strategies_prefill_matches_stock():
             want = a(chunk, torch.tensor(start), kv_len=48, last_only=True)
             got = b(chunk, torch.tensor(start), kv_len=start + chunk.shape[1], last_only=True)
             assert float((got - want).abs().max()) < 1e-4
+
+
+def test_tune_gemv_moves_winning_shapes_to_frag(monkeypatch):
+    """The tuner's bookkeeping, on CPU with a stand-in timer: every candidate's call (on the real weights or their
+    temporary frag copies, through the custom op's stock fallback) computes x @ W.T; shapes where a tensor-core
+    variant is timed fastest move to the frag layout with their stacked parts re-pointed, the PLE projection
+    (K = 32) stays packed, and the model's prefill and decode logits are unchanged."""
+    from hf_reference import build_reference, tiny
+
+    import gemma4_coreai.fast as fast
+    from gemma4_coreai.model import Gemma4Model, set_linear_fn
+
+    ref = build_reference(tiny())
+    a, b = (Gemma4Model(ref.cfg, ref.weights, ple_mode="tbl", max_context=48, linear_storage="packed",
+                        ple_table=ref.ple_table, ple_scale=ref.ple_scale).eval() for _ in range(2))
+    fast.stack_projections(b)
+    first = {}  # the first linear of each shape: the tuner's first timing set
+    for _, lin in b.q4_linears():
+        if lin.q4._base is None:
+            first.setdefault((lin.out_features, lin.in_features), (lin.q4, lin.scale))
+    seen = set()
+
+    def timer(calls, key):
+        n, k, v, sp, lay = key
+        seen.add(lay)
+        x = calls[0].__defaults__[-1]
+        with torch.inference_mode():
+            got = calls[0]().sum(0)
+        assert torch.allclose(got, K.q4_gemv_ref(x, *first[(n, k)])[0], atol=1e-4), key
+        return 1.0 + sp / 100 + (0.0 if lay == "frag" else 0.5)
+
+    monkeypatch.setattr(fast, "cuda_ext", lambda: object())  # candidates as where the CUDA kernel builds
+    report = fast.tune_gemv(b, torch.float32, timer=timer)
+    assert seen == {"packed", "frag"}
+    for (n, k), r in report.items():
+        assert r["layout"] == ("frag" if K.frag_ok(n, k) else "packed") and r["pick"][1] == 1, ((n, k), r)
+    for _, lin in b.q4_linears():
+        assert lin.layout == ("frag" if K.frag_ok(lin.out_features, lin.in_features) else "packed"), lin.name
+    set_linear_fn(b, fast.fast_linear)
+    ids = torch.randint(3, ref.cfg.vocab_size, (1, 21), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        for start, chunk in ((0, ids[:, :20]), (20, ids[:, 20:])):
+            want_l = a(chunk, torch.tensor(start), kv_len=48, last_only=True)
+            got_l = b(chunk, torch.tensor(start), kv_len=48, last_only=True)
+            assert float((got_l - want_l).abs().max()) < 1e-4
+
+
+def test_frag_layout_feeds_mma_fragments():
+    """The frag layout against the tensor-core kernel's contract, emulated on CPU: lane (g, t) of the warp owning
+    rows 16G.. loads 16 bytes per row half per 4-block chunk; its nibbles, unpacked as q4_gemv_cuda.cu does, placed
+    in mma.m16n8k16's A fragment (PTX ISA layout), with x permuted into the B fragment the same way, give x @ W.T.
+    And the layout round-trips, and 16-row slices of it are the layout of those rows."""
+    n, k = 32, 256
+    q, q4, d = rand_q4(n, k, 7)
+    x = torch.randn(k).bfloat16().float()
+    fw, fs = K.to_frag_layout(q4, d)
+    assert fw.shape == q4.shape and fs.shape == d.shape and not torch.equal(fw, q4)
+    back = K.from_frag_layout(fw, fs)
+    assert torch.equal(back[0], q4) and torch.equal(back[1], d)
+    assert torch.equal(K.to_frag_layout(q4[16:], d[16:])[0], fw[16:])
+    words = fw.view(torch.int32).view(-1, 4).numpy().astype(np.int64) & 0xFFFFFFFF  # [uint4 index, j]
+    scales = fs.float().view(-1).numpy()
+    nc = k // 128
+
+    def pair(w, shift):  # nib2bf16: nibbles at bits shift and shift + 16 -> (low half, high half) = q
+        return ((w >> shift) & 15) - 8, ((w >> (shift + 16)) & 15) - 8
+
+    acc = np.zeros(n)
+    for grp in range(n // 16):
+        for c in range(nc):
+            for j in range(4):
+                blk = 4 * c + j
+                dmat = np.zeros((16, 8))
+                # the block's two mma steps: A regs from nibble shifts (0, 4) then (8, 12), B from x pairs
+                for sh0, sh1, xi in ((0, 4, (0, 4, 1, 5)), (8, 12, (2, 6, 3, 7))):
+                    a_mat, b_mat = np.zeros((16, 16)), np.zeros((16, 8))
+                    for lane in range(32):
+                        g, t = lane >> 2, lane & 3
+                        ra = words[((grp * nc + c) * 2 + 0) * 32 + lane, j]
+                        rb = words[((grp * nc + c) * 2 + 1) * 32 + lane, j]
+                        xs = x[blk * 32 + 8 * t: blk * 32 + 8 * t + 8].numpy()
+                        # A fragment (PTX ISA): reg0 row g k 2t.., reg1 row g+8 k 2t.., reg2 row g k 2t+8.., reg3
+                        a_mat[g, 2 * t:2 * t + 2], a_mat[g + 8, 2 * t:2 * t + 2] = pair(ra, sh0), pair(rb, sh0)
+                        a_mat[g, 2 * t + 8:2 * t + 10] = pair(ra, sh1)
+                        a_mat[g + 8, 2 * t + 8:2 * t + 10] = pair(rb, sh1)
+                        # B fragment: reg0 k 2t.. column g, reg1 k 2t+8.. column g (x in every column)
+                        b_mat[2 * t:2 * t + 2, g] = xs[xi[0]], xs[xi[1]]
+                        b_mat[2 * t + 8:2 * t + 10, g] = xs[xi[2]], xs[xi[3]]
+                    dmat += a_mat @ b_mat
+                assert np.allclose(dmat, dmat[:, :1])  # every column the same sum
+                for g in range(8):  # lane (g, 0) scales and accumulates rows g and g + 8
+                    for row, h in ((g, 0), (g + 8, 1)):
+                        sc = scales[((grp * nc + c) * 2 + h) * 32 + g * 4 + j]
+                        acc[grp * 16 + row] += dmat[row, 0] * sc
+    want = (x.double() @ q4_0_dequantize(q, d.float()).double().t()).numpy()
+    assert np.allclose(acc, want, rtol=1e-9, atol=1e-9)
 
 
 @requires_cuda
@@ -310,3 +412,47 @@ def test_gpu_gemv_partials(impl, n, k):
                 assert part.shape == (split, n) and part.dtype == torch.float32
                 assert not torch.isnan(part).any()
                 assert rel(part.sum(0).cpu(), want) < 2e-6, (sdt, dt, split)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k", [(48, 384), (2560, 2560), (96, 10240)])
+def test_gpu_gemv_variants(n, k):
+    """Every CUDA kernel variant (bf16 x; the tensor-core ones on the frag layout), scales fp16/fp32, every valid
+    split up to 8: the partials sum to x @ W.T within fp32 accumulation error; the read-only probe is skipped."""
+    if K.cuda_ext() is None:
+        pytest.skip(f"the CUDA GEMV did not build: {K._CUDA['error']}")
+    q, q4, d = rand_q4(n, k, n + k, "cuda")
+    x = torch.randn(1, k).bfloat16()
+    for sdt in (torch.float16, torch.float32):
+        dd = d.to(sdt)
+        want = x.double() @ q4_0_dequantize(q, dd.cpu().float()).double().t()
+        fq4, fd = K.to_frag_layout(q4, dd)
+        for v, name in K.GEMV_VARIANTS.items():
+            if name.startswith("read-only"):
+                continue
+            w = (fq4, fd) if v in K.FRAG_VARIANTS else (q4, dd)
+            for split in (1, 2, 3, 5, 8):
+                if not K.split_ok(k, split, v):
+                    continue
+                part = K.q4_gemv_partials(x.cuda(), *w, split, variant=v)
+                assert part.shape == (split, n) and not torch.isnan(part).any()
+                assert rel(part.sum(0).cpu(), want) < 1e-5, (name, sdt, split)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k", [(37, 96), (48, 384), (2560, 2560)])
+def test_gpu_dequant_exact(n, k):
+    """The CUDA dequantize (packed, and frag where the shape allows it) is bit-identical to the reference in every
+    output dtype, scales fp16 and fp32."""
+    if K.cuda_ext() is None:
+        pytest.skip(f"the CUDA GEMV did not build: {K._CUDA['error']}")
+    _, q4, d = rand_q4(n, k, 3 * n + k, "cuda")
+    for sdt in (torch.float16, torch.float32):
+        dd = d.to(sdt)
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            want = K.q4_dequant_ref(q4, dd, dt)
+            assert torch.equal(K.q4_dequant(q4, dd, dt), want), (sdt, dt)
+            if K.frag_ok(n, k):
+                assert torch.equal(K.q4_dequant(*K.to_frag_layout(q4, dd), dt, frag=True), want), (sdt, dt)

@@ -229,6 +229,8 @@ def bench(bundle_path: str | Path, *, device: str = "cpu", prompt_lens: list[int
                      "seed": seed, "max_context": max_ctx},
         "load_s": load_s,
         "compile_s": getattr(eng, "compile_s", 0.0),
+        "tune_s": getattr(eng, "tune_s", None),
+        "gemv_kernels": eng.gemv_report() if hasattr(eng, "gemv_report") else None,
         "copy_bandwidth_Bps": bw,
         "memory": mem,
         "results": results,

@@ -1,10 +1,13 @@
 """The fast CUDA path: model.py's Gemma4Model with strategies plugged in, not a second copy of the math.
 
 - Load-time transform (`stack_projections`): q/k/v and gate/up stacked into one packed linear per group.
+- Load-time layout (`to_frag_layout`): where the CUDA kernel builds, every linear whose shape allows it gets its
+  bytes permuted into the tensor-core GEMV's layout (same memory, no copy kept).
 - Linear strategy (`fast_linear`): one token -> the int4 GEMV (`torch.ops.gemma4.q4_gemv_partials`: the CUDA C++
-  kernel, or Triton where nvcc is missing; weights streamed once from the bundle's packed q4_0; fp32 partial sums
-  over K slices, added by whichever fused kernel reads the result); several tokens (prefill) -> dequantize to
-  bf16 with a Triton kernel, then a tensor-core GEMM (cuBLAS through F.linear).
+  kernel, or Triton where nvcc is missing; weights streamed once; fp32 partial sums over K slices, added by
+  whichever fused kernel reads the result), its variant and K split picked per shape by timing the candidates on
+  the model's own weights at load (`tune_gemv`); several tokens (prefill) -> dequantize to bf16 with a Triton
+  kernel, then a tensor-core GEMM (cuBLAS through F.linear).
 - Attention strategy (`sdpa_attention`): prefill through one fused SDPA kernel; decode keeps model.py's.
 - Decode step: `torch.compile` (inductor fuses the norms, RoPE, masks and softmax between the GEMVs), then one
   CUDA graph per KV-length bucket, replayed with no host synchronisation inside a step. The graph also takes
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from . import kernels  # noqa: F401  (registers torch.ops.gemma4.*)
 from .backends import TorchBackend
 from .errors import Gemma4Error
-from .kernels import gemv_split
+from .kernels import FRAG_VARIANTS, cuda_ext, frag_ok, gemv_split, split_ok, to_frag_layout
 from .model import Gemma4Model, Q4Linear, attention, dequantize_ple, set_attention, set_kv_write, set_linear_fn
 
 KV_BUCKET = 512
@@ -41,13 +44,157 @@ PREFILL_CHUNK = 2048  # tokens per batched prefill forward (bounds the attention
 
 
 def fast_linear(m: Q4Linear, x: torch.Tensor) -> torch.Tensor:
-    """Linear strategy for the CUDA fast path (module storage must be 'packed')."""
+    """Linear strategy for the CUDA fast path (module storage must be 'packed'; `m.gemv` = (variant, split) from
+    `tune_gemv`, `m.layout` = "frag" where the weights were permuted for the tensor-core kernel)."""
     if x.numel() == m.in_features:  # one token: bandwidth-bound GEMV straight from int4
+        variant, split = getattr(m, "gemv", None) or default_gemv(m.out_features, m.in_features, _layout(m))
         # fp32 partial sums over K slices; the sum and the cast fuse into whatever kernel reads the result
-        part = torch.ops.gemma4.q4_gemv_partials(x, m.q4, m.scale, gemv_split(m.out_features, m.in_features))
+        part = torch.ops.gemma4.q4_gemv_partials(x, m.q4, m.scale, split, variant)
         return part.sum(0).to(x.dtype).view(*x.shape[:-1], m.out_features)
-    w = torch.ops.gemma4.q4_dequant(m.q4, m.scale, x.dtype)  # prefill: compute-bound, tensor cores
+    w = torch.ops.gemma4.q4_dequant(m.q4, m.scale, x.dtype, _layout(m) == "frag")  # prefill: tensor-core GEMM
     return F.linear(x, w)
+
+
+def _layout(m: Q4Linear) -> str:
+    return getattr(m, "layout", "packed")
+
+
+def default_gemv(n: int, k: int, layout: str) -> tuple[int, int]:
+    """Untimed (variant, split): the tensor-core kernel for frag weights (about 2048 warps of 16 rows, at least 2
+    chunks a K slice), else the CUDA-core default with `gemv_split`."""
+    if layout != "frag":
+        return 0, gemv_split(n, k)
+    nc = k // 128
+    split = max(1, min(16, -(-2048 // (n // 16)), nc // 2))
+    return 17, -(-nc // -(-nc // split))
+
+
+def _frag_allowed(lin: Q4Linear) -> bool:
+    # a stacked linear's parts are row views: each must start on a 16-row group to stay a valid frag tensor
+    return frag_ok(lin.out_features, lin.in_features) and all(p.out_features % 16 == 0
+                                                              for p in getattr(lin, "parts", ()))
+
+
+def _to_frag(lin: Q4Linear) -> None:
+    """Replace a linear's weights by their frag layout; the parts of a stacked linear become row views of the new
+    tensors (16-row slices of a frag tensor are the frag layout of those rows), so no second copy stays alive."""
+    lin.q4, lin.scale = to_frag_layout(lin.q4, lin.scale)
+    lin.layout = "frag"
+    row = 0
+    for part in getattr(lin, "parts", ()):
+        part.q4, part.scale = lin.q4[row:row + part.out_features], lin.scale[row:row + part.out_features]
+        part.layout = "frag"
+        row += part.out_features
+
+
+def use_frag_layout(model: Gemma4Model) -> int:
+    """Every linear whose shape allows it to the frag layout (tests; the fast backend lets `tune_gemv` decide per
+    shape). Returns how many were converted."""
+    count = 0
+    for _, lin in model.q4_linears():
+        lin.layout = getattr(lin, "layout", "packed")
+        if lin.q4 is not None and lin.q4._base is None and lin.layout == "packed" and _frag_allowed(lin):
+            _to_frag(lin)
+            count += 1
+    return count
+
+
+def _graph_us(calls: Sequence[Any], rounds: int = 3) -> float:
+    """Median GPU microseconds per call of `calls` (zero-argument callables) replayed as one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls[:3]:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(calls))
+    return float(np.median(times))
+
+
+FRAG_SPLITS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 32)
+
+
+def gemv_candidates(n: int, k: int, layout: str, x_dtype: torch.dtype) -> list[tuple[int, int]]:
+    """(variant, split) pairs worth timing for one weight shape and layout."""
+    if layout == "frag":
+        return [(v, sp) for v in FRAG_VARIANTS for sp in FRAG_SPLITS
+                if split_ok(k, sp, v) and -(-k // 128 // sp) * 256 <= 48 * 1024]
+    if cuda_ext() is None:  # Triton: it autotunes its own tiles; keep the split heuristic
+        return [(0, gemv_split(n, k))]
+    variants = (0, 1, 3, 4, 5, 7) if x_dtype == torch.bfloat16 else (0,)
+    return [(v, sp) for v in variants for sp in (1, 2, 3, 4, 6, 8) if split_ok(k, sp, v)]
+
+
+def tune_gemv(model: Gemma4Model, x_dtype: torch.dtype = torch.bfloat16, frag: bool = True,
+              timer: Any = None) -> dict[tuple[int, int], Any]:
+    """Pick each linear's GEMV kernel, K split and weight layout by timing every candidate on the model's own
+    weights (CUDA graphs over the linears of one shape, rotating so that L2 does not hold them; the frag layout
+    timed on temporary copies), then set `lin.gemv` = (variant, split) and move the shape's weights to the frag
+    layout where a tensor-core variant won (`frag`: allow that). One entry per (N, K): {"pick": (variant, split),
+    "layout", "us", "tried"}. GEMMA4_GEMV_TUNE=0 skips the timing: the default CUDA-core kernel everywhere.
+    Views (parts of stacked projections) are not called by the fast path and are skipped. `timer(calls, key)`
+    (tests) replaces the CUDA-graph timing; key = (N, K, variant, split, layout)."""
+    import os
+
+    timer = timer or (lambda calls, key: _graph_us(calls))
+
+    groups: dict[tuple[int, int], list[Q4Linear]] = {}
+    for _, lin in model.q4_linears():
+        lin.layout = getattr(lin, "layout", "packed")
+        if lin.q4 is not None and lin.q4._base is None:
+            groups.setdefault((lin.out_features, lin.in_features), []).append(lin)
+    tune = os.environ.get("GEMMA4_GEMV_TUNE", "1") != "0"
+    report = {}
+    for (n, k), lins in groups.items():
+        layouts = {lin.layout for lin in lins}
+        layout = layouts.pop() if len(layouts) == 1 else "mixed"
+        can_frag = frag and layout == "packed" and all(_frag_allowed(lin) for lin in lins)
+        cands = [(v, sp, "packed") for v, sp in gemv_candidates(n, k, "packed", x_dtype)] if layout == "packed" \
+            else [(v, sp, "frag") for v, sp in gemv_candidates(n, k, "frag", x_dtype)] if layout == "frag" else []
+        if can_frag:
+            cands += [(v, sp, "frag") for v, sp in gemv_candidates(n, k, "frag", x_dtype)]
+        if layout == "mixed":  # not produced by the fast path; keep every linear on its own default
+            for lin in lins:
+                lin.gemv = default_gemv(n, k, lin.layout)
+            continue
+        if not tune or len(cands) == 1:
+            pick = (*default_gemv(n, k, layout), layout)
+            times = {pick: None}
+        else:
+            per_set = n * k // 2 * 1.125
+            sets = lins[:max(1, min(len(lins), math.ceil(256e6 / per_set)))]
+            weights = {"packed": [(m.q4, m.scale) for m in sets] if layout == "packed" else None,
+                       "frag": [(m.q4, m.scale) for m in sets] if layout == "frag" else None}
+            if can_frag:
+                weights["frag"] = [to_frag_layout(m.q4, m.scale) for m in sets]
+            x = torch.randn(1, k, device=sets[0].q4.device).to(x_dtype)
+            times = {}
+            with torch.inference_mode():
+                for v, sp, lay in cands:
+                    calls = [lambda w=w, v=v, sp=sp, x=x: torch.ops.gemma4.q4_gemv_partials(x, *w, sp, v)
+                             for w in weights[lay]] * max(1, 8 // len(sets))
+                    times[(v, sp, lay)] = timer(calls, (n, k, v, sp, lay))
+            del weights
+            pick = min(times, key=times.get)
+        if pick[2] == "frag" and layout == "packed":
+            for lin in lins:
+                _to_frag(lin)
+        for lin in lins:
+            lin.gemv = pick[:2]
+        report[(n, k)] = {"pick": pick[:2], "layout": pick[2], "us": times[pick], "tried": len(times)}
+    return report
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -93,11 +240,16 @@ def _stacked_projections(self: torch.nn.Module, x: torch.Tensor) -> tuple[torch.
 def _stack(parent: torch.nn.Module, parts: Sequence[Q4Linear]) -> None:
     if any(p.q4 is None for p in parts):
         raise Gemma4Error("stack_projections needs packed linear storage")
+    layouts = {_layout(p) for p in parts}
+    if len(layouts) > 1:  # frag and packed rows cannot share one kernel call: leave this group unstacked
+        return
     scale_dtype = torch.float32 if any(p.scale.dtype == torch.float32 for p in parts) else parts[0].scale.dtype
     stacked = Q4Linear(parts[0].name.rsplit(".", 1)[0] + ".stacked_proj", torch.cat([p.q4 for p in parts]),
                        torch.cat([p.scale.to(scale_dtype) for p in parts]), "packed", torch.float32,
                        parts[0].q4.device)
     stacked.split_sizes = [p.out_features for p in parts]
+    stacked.layout = layouts.pop()
+    stacked.parts = list(parts)  # plain list (not submodules): the row views, for `_to_frag`
     row = 0
     for p in parts:
         p.q4, p.scale = stacked.q4[row:row + p.out_features], stacked.scale[row:row + p.out_features]
@@ -112,9 +264,10 @@ class FastCudaBackend:
     name = "fast"
 
     def __init__(self, inner: TorchBackend, *, compile: bool = True, cuda_graph: bool = True, stack: bool = True,
-                 sdpa: bool = True):
+                 sdpa: bool = True, frag: bool = True):
         """Wrap a TorchBackend built on CUDA in bf16 with linear_storage='packed' (see `from_bundle`); `stack`:
-        apply `stack_projections` (one GEMV for q/k/v, one for gate/up); `sdpa`: fused attention in prefill."""
+        apply `stack_projections` (one GEMV for q/k/v, one for gate/up); `sdpa`: fused attention in prefill;
+        `frag`: the tensor-core GEMV where the CUDA kernel builds (`use_frag_layout`)."""
         if inner.device.type != "cuda" or inner.model.lm_head.storage != "packed":
             raise Gemma4Error("the fast path needs a CUDA torch backend with packed int4 linears")
         self.inner = inner
@@ -127,6 +280,11 @@ class FastCudaBackend:
             lin.scale = lin.scale.contiguous()
         if stack:
             stack_projections(self.model)
+        t0 = time.perf_counter()
+        frag = frag and inner.dtype == torch.bfloat16 and cuda_ext() is not None
+        self.gemv_tuning = tune_gemv(self.model, inner.dtype, frag=frag)
+        self.tune_s = time.perf_counter() - t0
+        self.frag = any(r["layout"] == "frag" for r in self.gemv_tuning.values())
         set_linear_fn(self.model, fast_linear)
         set_kv_write(self.model, scatter_kv_write)
         if sdpa:
@@ -153,12 +311,12 @@ class FastCudaBackend:
     @classmethod
     def from_bundle(cls, bundle: Any, *, max_context: int | None = None, ple_mode: str = "tbl",
                     device: str = "cuda", compile: bool = True, cuda_graph: bool = True,
-                    stack: bool = True, sdpa: bool = True) -> FastCudaBackend:
+                    stack: bool = True, sdpa: bool = True, frag: bool = True) -> FastCudaBackend:
         if not torch.cuda.is_available():
             raise Gemma4Error("the fast path needs a CUDA GPU (use the stock torch backend on CPU)")
         inner = TorchBackend.from_bundle(bundle, device=device, dtype=torch.bfloat16, ple_mode=ple_mode,
                                          max_context=max_context or bundle.max_context, linear_storage="packed")
-        return cls(inner, compile=compile, cuda_graph=cuda_graph, stack=stack, sdpa=sdpa)
+        return cls(inner, compile=compile, cuda_graph=cuda_graph, stack=stack, sdpa=sdpa, frag=frag)
 
     # -- the decode step (what the graph captures) --
     def _step(self, ids: torch.Tensor, pos: torch.Tensor, ple: torch.Tensor | None, kv_len: int) -> torch.Tensor:
@@ -211,6 +369,13 @@ class FastCudaBackend:
         self.compile_s += time.perf_counter() - t0
         return g
 
+    def gemv_report(self) -> list[dict[str, Any]]:
+        """The GEMV kernel picked per weight shape at load (`tune_gemv`), for benchmark records."""
+        from .kernels import GEMV_VARIANTS
+
+        return [{"N": n, "K": k, "layout": r["layout"], "kernel": GEMV_VARIANTS[r["pick"][0]], "split": r["pick"][1],
+                 "us": r["us"], "candidates": r["tried"]} for (n, k), r in self.gemv_tuning.items()]
+
     def warm(self, positions: Sequence[int]) -> None:
         """Build (compile + capture) the graphs that decoding at these positions will use."""
         for p in positions:
@@ -226,7 +391,7 @@ class FastCudaBackend:
                "CUDA graphs" if self.use_graph else "torch.compile" if self.use_compile else "eager")
         from .kernels import _CUDA
 
-        gemv = "CUDA C++" if _CUDA["ext"] is not None else "Triton"
+        gemv = ("CUDA C++ + tensor-core" if self.frag else "CUDA C++") if _CUDA["ext"] is not None else "Triton"
         return f"fast cuda bf16 {self.ple_mode} ({gemv} int4 GEMV, {how}, max context {self.max_context})"
 
     def reset(self) -> None:
@@ -304,78 +469,66 @@ class FastCudaBackend:
 
 
 def gemv_microbench(shapes: Sequence[tuple[int, int]], iters: int = 200, seed: int = 0) -> list[dict[str, Any]]:
-    """Time the Triton int4 GEMV against the stock paths at the given [N, K] shapes (CUDA graphs, rotating
-    weight sets so L2 never holds them). Returns one row per shape with achieved GB/s."""
-    from .kernels import cuda_ext, q4_dequant_ref, q4_gemv_partials, q4_gemv_triton
+    """Every GEMV kernel variant and K split at the given [N, K] shapes against the stock paths (CUDA graphs,
+    rotating weight sets so L2 never holds them; bf16 x, fp16 scales). One row per shape: microseconds per call
+    for each (variant, split), the best of each variant, and its error against the fp64 product."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [_microbench_shape(n, k, g, iters) for n, k in shapes]
+
+
+def _microbench_shape(n: int, k: int, g: torch.Generator, iters: int) -> dict[str, Any]:
+    from .kernels import GEMV_VARIANTS, q4_dequant_ref, q4_gemv_partials
 
     dev = torch.device("cuda")
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    rows = []
-    for n, k in shapes:
-        sets = max(2, math.ceil(200e6 / (n * k * 0.5625)))  # > L2 (50 MB) in total
-        ws = []
-        for _ in range(sets):
-            q4 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g).to(dev)
-            sc = ((torch.rand(n, k // 32, generator=g) + 0.5) * 0.01).half().to(dev)
-            ws.append((q4, sc))
-        x = torch.randn(1, k, generator=g).bfloat16().to(dev)
-        # correctness on fresh data, output poisoned first
-        y = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device=dev)
-        q4_gemv_triton(x, *ws[0], out=y)
-        ref = (x.float() @ q4_dequant_ref(*ws[0]).t())
-        err = float((y.float() - ref).norm() / ref.norm())
-        nbytes = n * k // 2 + ws[0][1].numel() * ws[0][1].element_size() + 2 * (k + n)
+    sets = max(2, math.ceil(200e6 / (n * k * 0.5625)))  # > L2 (50-60 MB) in total
+    ws = []
+    for _ in range(sets):
+        q4 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g).to(dev)
+        sc = ((torch.rand(n, k // 32, generator=g) + 0.5) * 0.01).half().to(dev)
+        ws.append((q4, sc))
+    frag = [to_frag_layout(*w) for w in ws] if frag_ok(n, k) and cuda_ext() is not None else None
+    x = torch.randn(1, k, generator=g).bfloat16().to(dev)
+    ref = (x.double() @ q4_dequant_ref(*ws[0]).double().t())[0]
+    nbytes = n * k // 2 + ws[0][1].numel() * ws[0][1].element_size() + 2 * (k + n)
+    reps = max(1, iters // sets)
 
-        def timed(fn, reps=iters, sets=sets):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for i in range(3):
-                    fn(i)
-            torch.cuda.current_stream().wait_stream(stream)
-            gr = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(gr):
-                for i in range(sets):
-                    fn(i)
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(max(3, reps // sets)):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                gr.replay()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) / sets * 1e3)
-            return float(np.median(times))
+    def timed(fn, sets=sets, reps=reps):
+        return _graph_us([lambda i=i: fn(i) for i in range(sets)] * reps)
 
-        # the kernel alone (fp32 partials; in the model their sum fuses into the next kernel), per K split
-        impl = "cuda" if cuda_ext() is not None else "triton"
-        kg = k // 32
-        splits = sorted({gemv_split(n, k)} | {sp for sp in (1, 2, 4, 8) if -(-kg // -(-kg // sp)) == sp})
-        per_split = {sp: timed(lambda i, x=x, ws=ws, sets=sets, sp=sp, im=impl: q4_gemv_partials(
-                                   x, *ws[i % sets], sp, impl=im))
-                     for sp in splits}
-        t_gemv = per_split[gemv_split(n, k)]
-        row = {"N": n, "K": k, "bytes": nbytes, "impl": impl, "gemv_us": t_gemv, "gemv_GBps": nbytes / t_gemv / 1e3,
-               "rel_err": err, "split": gemv_split(n, k), "per_split_us": per_split,
-               "best_split": min(per_split, key=per_split.get),
-               "triton_us": timed(lambda i, x=x, ws=ws, sets=sets: q4_gemv_partials(x, *ws[i % sets], impl="triton"))}
-        try:  # stock int4 kernel (tinygemm, bf16 scales: not exact, timing only)
-            from .model import unpack_int4
+    row: dict[str, Any] = {"N": n, "K": k, "bytes": nbytes, "variants": {}, "rel_err": {}}
+    impls = list(GEMV_VARIANTS) if cuda_ext() is not None else [0]
+    for v in impls:
+        frag_v = v in FRAG_VARIANTS
+        if frag_v and frag is None:
+            continue
+        wv = frag if frag_v else ws
+        got = q4_gemv_partials(x, *wv[0], default_gemv(n, k, "frag" if frag_v else "packed")[1],
+                               variant=v).sum(0).double()
+        if GEMV_VARIANTS[v].startswith("read-only"):
+            row["rel_err"][v] = None
+        else:
+            row["rel_err"][v] = float((got - ref).norm() / ref.norm())
+        per_split = {sp: timed(lambda i, v=v, sp=sp, wv=wv: q4_gemv_partials(x, *wv[i % len(wv)], sp, variant=v))
+                     for sp in (1, 2, 3, 4, 6, 8, 12, 16) if split_ok(k, sp, v) and (sp <= 8 or frag_v)}
+        row["variants"][v] = per_split
+    best = {v: min(ps.values()) for v, ps in row["variants"].items()}
+    row["best_us"] = best
+    row["default_us"] = row["variants"][0].get(gemv_split(n, k)) if 0 in row["variants"] else None
+    row["triton_us"] = timed(lambda i: q4_gemv_partials(x, *ws[i % sets], impl="triton"))
+    try:  # stock int4 kernel (tinygemm, bf16 scales: not exact, timing only)
+        from .model import unpack_int4
 
-            q = unpack_int4(ws[0][0].cpu()).int() + 8
-            packed = torch.ops.aten._convert_weight_to_int4pack(
-                (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(dev), 8)
-            sz = torch.stack((ws[0][1].t().bfloat16(), torch.zeros_like(ws[0][1].t().bfloat16())), -1).contiguous()
-            row["tinygemm_us"] = timed(lambda i, x=x, p=packed, sz=sz: torch.ops.aten._weight_int4pack_mm(x, p, 32, sz),
-                                      reps=50)
-        except Exception as e:  # noqa: BLE001 - optional comparison
-            row["tinygemm_us"] = None
-            row["tinygemm_error"] = str(e).splitlines()[0][:120]
-        wd = q4_dequant_ref(*ws[0]).bfloat16()
-        row["bf16_cublas_us"] = timed(lambda i, x=x, wd=wd: F.linear(x, wd), reps=50)
-        rows.append(row)
-    return rows
+        q = unpack_int4(ws[0][0].cpu()).int() + 8
+        packed = torch.ops.aten._convert_weight_to_int4pack(
+            (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(dev), 8)
+        sz = torch.stack((ws[0][1].t().bfloat16(), torch.zeros_like(ws[0][1].t().bfloat16())), -1).contiguous()
+        row["tinygemm_us"] = timed(lambda i: torch.ops.aten._weight_int4pack_mm(x, packed, 32, sz))
+    except Exception as e:  # noqa: BLE001 - optional comparison
+        row["tinygemm_us"] = None
+        row["tinygemm_error"] = str(e).splitlines()[0][:120]
+    wd = q4_dequant_ref(*ws[0]).bfloat16()
+    row["bf16_cublas_us"] = timed(lambda i: F.linear(x, wd))
+    return row
 
 
 def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, reps: int = 10) -> float:

@@ -6,11 +6,13 @@ nibble of byte j, 2j+1 in the high one, stored as q+8) and one scale per 32 inpu
 fp16 is not exact). That layout already streams well: each 32-weight block is 16 contiguous bytes, so one thread
 loads one block with one 16-byte load, and a warp covers contiguous rows.
 
-- `q4_gemv_partials(x, q4, scale, split)`: one token (decode): fp32 partial sums of W @ x over `split` K slices
-  (the caller's next kernel adds them). A CUDA C++ kernel (`q4_gemv_cuda.cu`, built on first use with nvcc) where it
-  builds, else Triton (autotuned per shape); both read each weight byte once with exact products and fp32
-  accumulation. `q4_gemv` is the same, summed and rounded to x's dtype.
-- `q4_dequant(q4, scale, dtype)`: W [N, K] in `dtype` (prefill: dequantize, then a tensor-core GEMM).
+- `q4_gemv_partials(x, q4, scale, split, variant)`: one token (decode): fp32 partial sums of W @ x over `split` K
+  slices (the caller's next kernel adds them). A CUDA C++ kernel (`q4_gemv_cuda.cu`, built on first use with nvcc)
+  where it builds, else Triton (autotuned per shape); both read each weight byte once with exact products and fp32
+  accumulation. `variant` picks one of the CUDA kernel's shapes (GEMV_VARIANTS); the tensor-core ones read the
+  weights in the "frag" layout (`to_frag_layout`, a load-time permutation of the same bytes). `q4_gemv` is the
+  same, summed and rounded to x's dtype.
+- `q4_dequant(q4, scale, dtype, frag)`: W [N, K] in `dtype` (prefill: dequantize, then a tensor-core GEMM).
 - `torch.ops.gemma4.q4_gemv(_partials)` / `torch.ops.gemma4.q4_dequant`: the same, as torch custom ops so that
   `torch.compile` and CUDA graphs treat them as opaque kernels.
 """
@@ -72,6 +74,54 @@ def cuda_ext():
         warnings.warn(f"gemma4-coreai: the CUDA int4 GEMV could not be built ({_CUDA['error']}); using the Triton "
                       "kernel", RuntimeWarning, stacklevel=2)
     return _CUDA["ext"]
+
+
+# ---- kernel variants and the "frag" weight layout -----------------------------------------------------------
+
+# The CUDA kernel's shapes (q4_gemv_cuda.cu `launch_variant`): CUDA-core rows per warp x blocks in flight per lane
+# (0 also serves fp16/fp32 x; 1-7 need bf16 x), a read-only probe (8: streams the bytes, computes nothing; benchmarks
+# only), and the tensor-core kernel with 1/2/4 chunks of 4 blocks in flight (16-18: bf16 x, frag layout).
+GEMV_VARIANTS = {0: "cuda r2u2", 1: "cuda r1u2", 2: "cuda r1u4", 3: "cuda r2u1", 4: "cuda r2u3", 5: "cuda r2u4",
+                 6: "cuda r4u1", 7: "cuda r4u2", 8: "read-only r2u2", 16: "mma u1", 17: "mma u2", 18: "mma u4"}
+FRAG_VARIANTS = (16, 17, 18)
+
+
+def frag_ok(n: int, k: int) -> bool:
+    """The frag layout (and the tensor-core kernel) needs whole 16-row groups and whole 4-block chunks."""
+    return n % 16 == 0 and k % 128 == 0
+
+
+def to_frag_layout(q4: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Bundle q4_0 layout -> the tensor-core GEMV's layout, same bytes permuted (any device).
+
+    Rows in groups of 16 (G), K in chunks of 4 blocks (c). For lane (g, t) of the warp owning group G, chunk c holds
+    16 bytes for row 16G + g and 16 for row 16G + 8 + g: 4-byte word t of each of the chunk's 4 blocks, so the warp
+    reads 1 KB contiguous per chunk. Scales: the 4 of each row's chunk, side by side. A 16-row slice of a frag
+    tensor is the frag layout of those rows (row groups are contiguous), so stacking and row views keep working."""
+    n, k = _check(q4, scale)
+    if not frag_ok(n, k):
+        raise ValueError(f"frag layout: N={n} must be a multiple of 16 and K={k} of 128")
+    kg = k // BLOCK
+    w = q4.contiguous().view(torch.int32).view(n // 16, 2, 8, kg // 4, 4, 4)  # [G, h, g, c, block j, word t]
+    w = w.permute(0, 3, 1, 2, 5, 4).contiguous().view(torch.uint8).view(n, k // 2)  # [G, c, h, g, t, j]
+    sc = scale.contiguous().view(n // 16, 2, 8, kg // 4, 4).permute(0, 3, 1, 2, 4).contiguous().view(n, kg)
+    return w, sc
+
+
+def from_frag_layout(q4: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """The inverse of `to_frag_layout`."""
+    n, k = _check(q4, scale)
+    kg = k // BLOCK
+    w = q4.contiguous().view(torch.int32).view(n // 16, kg // 4, 2, 8, 4, 4)  # [G, c, h, g, t, j]
+    w = w.permute(0, 2, 3, 1, 5, 4).contiguous().view(torch.uint8).view(n, k // 2)
+    sc = scale.contiguous().view(n // 16, kg // 4, 2, 8, 4).permute(0, 2, 3, 1, 4).contiguous().view(n, kg)
+    return w, sc
+
+
+def split_ok(k: int, split: int, variant: int = 0) -> bool:
+    """Whether `split` K slices leave none empty (slices are of 32-blocks, or of 4-block chunks for frag)."""
+    units = k // BLOCK // (4 if variant in FRAG_VARIANTS else 1)
+    return 1 <= split <= units and -(-units // -(-units // split)) == split
 
 
 # ---- stock fallbacks (the reference the kernels are tested against) --------------------------------------
@@ -180,22 +230,23 @@ def gemv_split(n: int, k: int) -> int:
 
 
 def q4_gemv_partials(x: Tensor, q4: Tensor, scale: Tensor, split: int | None = None,
-                     autotune: bool = True, impl: str = "auto") -> Tensor:
+                     autotune: bool = True, impl: str = "auto", variant: int = 0) -> Tensor:
     """GEMV for one token: fp32 partial sums [split, N] over `split` K slices (sum(0) is x @ W.T).
 
-    `impl`: "cuda" (the CUDA C++ kernel), "triton", or "auto" (CUDA where it builds, else Triton). Leaving the
-    final sum to the caller lets torch.compile fuse it (and the cast) into the next kernel."""
+    `impl`: "cuda" (the CUDA C++ kernel), "triton", or "auto" (CUDA where it builds, else Triton). `variant`: one
+    of GEMV_VARIANTS (CUDA only; the FRAG_VARIANTS read `to_frag_layout` weights). Leaving the final sum to the
+    caller lets torch.compile fuse it (and the cast) into the next kernel."""
     n, k = _check(q4, scale)
     if x.shape[-1] != k or x.numel() != k:
         raise ValueError(f"q4_gemv: x {tuple(x.shape)} is not one token of width {k}")
     split = split or gemv_split(n, k)
+    if not split_ok(k, split, variant):
+        raise ValueError(f"q4_gemv: {split} K slices of K={k} would leave one empty (see gemv_split)")
     kg = k // BLOCK
     kg_split = -(-kg // split)
-    if -(-kg // kg_split) != split:
-        raise ValueError(f"q4_gemv: {split} K slices of {kg} blocks would leave one empty (see gemv_split)")
     if impl != "triton" and q4.is_cuda and cuda_ext() is not None:
-        return cuda_ext().q4_gemv_partials(x, q4, scale, split)
-    if impl == "cuda":
+        return cuda_ext().q4_gemv_partials(x, q4, scale, split, variant)
+    if impl == "cuda" or variant:
         raise RuntimeError(f"the CUDA GEMV is unavailable: {_CUDA['error'] or 'tensors are not on CUDA'}")
     xc = x.contiguous()
     out = torch.empty(split, n, dtype=torch.float32, device=x.device)
@@ -241,7 +292,13 @@ def q4_gemv(x: Tensor, q4: Tensor, scale: Tensor) -> Tensor:
     return q4_gemv_ref(x, q4, scale)
 
 
-def q4_dequant(q4: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+def q4_dequant(q4: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16, frag: bool = False) -> Tensor:
+    """W [N, K] in `dtype` from packed (or, with `frag`, frag-layout) weights: the CUDA kernel (16-byte stores)
+    where it builds, else Triton, else the reference; all bit-identical (one rounding of q * s)."""
+    if q4.is_cuda and cuda_ext() is not None:
+        return cuda_ext().q4_dequant(q4, scale, dtype, frag)
+    if frag:
+        q4, scale = from_frag_layout(q4, scale)
     if triton_usable(q4):
         return q4_dequant_triton(q4, scale, dtype)
     return q4_dequant_ref(q4, scale, dtype)
@@ -258,24 +315,26 @@ def _(x: Tensor, q4: Tensor, scale: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("gemma4::q4_gemv_partials", mutates_args=())
-def _op_q4_gemv_partials(x: Tensor, q4: Tensor, scale: Tensor, split: int) -> Tensor:
-    if triton_usable(q4):
-        return q4_gemv_partials(x, q4, scale, split, autotune=q4.is_cuda)
+def _op_q4_gemv_partials(x: Tensor, q4: Tensor, scale: Tensor, split: int, variant: int) -> Tensor:
+    if (q4.is_cuda and variant) or (triton_usable(q4) and not variant):
+        return q4_gemv_partials(x, q4, scale, split, autotune=q4.is_cuda, variant=variant)
+    if variant in FRAG_VARIANTS:  # the stock fallback computes the same function from the frag layout
+        q4, scale = from_frag_layout(q4, scale)
     return q4_gemv_ref(x.float(), q4, scale).view(1, -1).expand(split, -1) / split
 
 
 @_op_q4_gemv_partials.register_fake
-def _(x: Tensor, q4: Tensor, scale: Tensor, split: int) -> Tensor:
+def _(x: Tensor, q4: Tensor, scale: Tensor, split: int, variant: int) -> Tensor:
     return x.new_empty(split, q4.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("gemma4::q4_dequant", mutates_args=())
-def _op_q4_dequant(q4: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    return q4_dequant(q4, scale, dtype)
+def _op_q4_dequant(q4: Tensor, scale: Tensor, dtype: torch.dtype, frag: bool) -> Tensor:
+    return q4_dequant(q4, scale, dtype, frag)
 
 
 @_op_q4_dequant.register_fake
-def _(q4: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+def _(q4: Tensor, scale: Tensor, dtype: torch.dtype, frag: bool) -> Tensor:
     return q4.new_empty(q4.shape[0], q4.shape[1] * 2, dtype=dtype)
 
 
