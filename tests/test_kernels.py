@@ -339,6 +339,39 @@ def test_tune_gemv_moves_winning_shapes_to_frag(monkeypatch):
             assert float((got_l - want_l).abs().max()) < 1e-4
 
 
+@pytest.mark.parametrize("frag", [False, True])
+def test_embedding_from_int4_head(frag):
+    """On a QAT-like model (embedding on the q4_0 lattice) the head's rows, gathered and dequantized from either
+    layout, are bit-identical to the 16-bit table, so the fast path frees the table and the logits do not move;
+    a head that differs from the table by one value keeps the table."""
+    from hf_reference import build_reference, tiny
+
+    from gemma4_coreai.fast import embed_from_head, fast_linear, use_frag_layout
+    from gemma4_coreai.model import Gemma4Model, set_linear_fn
+
+    ref = build_reference(tiny())
+    a, b = (Gemma4Model(ref.cfg, ref.weights, ple_mode="tbl", max_context=48, linear_storage="packed",
+                        ple_table=ref.ple_table, ple_scale=ref.ple_scale).eval() for _ in range(2))
+    if frag:  # frag weights need the fast path's linear function
+        use_frag_layout(b)
+        set_linear_fn(b, fast_linear)
+        assert b.lm_head.layout == "frag"
+    ids = torch.tensor([[0, 5, 17, 300, ref.cfg.vocab_size - 1, 5]])
+    assert torch.equal(K.q4_rows(b.lm_head.q4, b.lm_head.scale, ids, a.embed_tokens.dtype, frag),
+                       a.embed_tokens[ids[0]])
+    assert embed_from_head(b, rows_per_check=100)
+    assert b.embed_tokens.numel() == 0
+    with torch.inference_mode():
+        assert torch.equal(b.embed(ids), a.embed(ids))
+        want = a(ids, torch.tensor(0), kv_len=ids.shape[1])
+        assert float((b(ids, torch.tensor(0), kv_len=ids.shape[1]) - want).abs().max()) < 1e-5
+    c = Gemma4Model(ref.cfg, ref.weights, ple_mode="tbl", max_context=48, linear_storage="packed",
+                    ple_table=ref.ple_table, ple_scale=ref.ple_scale).eval()
+    c.embed_tokens = c.embed_tokens.clone()
+    c.embed_tokens[7, 3] += 1
+    assert not embed_from_head(c) and c.embed_tokens.numel() > 0
+
+
 def test_frag_layout_feeds_mma_fragments():
     """The frag layout against the tensor-core kernel's contract, emulated on CPU: lane (g, t) of the warp owning
     rows 16G.. loads 16 bytes per row half per 4-block chunk; its nibbles, unpacked as q4_gemv_cuda.cu does, placed

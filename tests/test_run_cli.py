@@ -128,6 +128,37 @@ def test_cuda_without_gpu(oracle_bundle, capsys):
     assert _error_line(capsys).startswith("error: device 'cuda' requested but no CUDA GPU is available")
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--device", "cpu"], "error: --backend fast runs on CUDA only (got --device cpu)"),
+    (["--dtype", "fp32"], "error: --backend fast computes in bf16 (got --dtype fp32)"),
+    (["--linear", "cpu-int4"], "error: --linear cpu-int4 is a CPU strategy"),
+])
+def test_fast_backend_bad_options(oracle_bundle, capsys, extra, message):
+    assert main(["generate", str(oracle_bundle), "--prompt", "hi", "--backend", "fast", *extra]) == 2
+    assert _error_line(capsys).startswith(message)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_fast_backend_without_gpu(oracle_bundle, capsys):
+    assert main(["verify", str(oracle_bundle), "--backend", "fast"]) == 2
+    assert _error_line(capsys).startswith("error: the fast path needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_backend_verifies_and_generates(oracle_bundle, capsys):
+    """verify and generate on the CUDA fast path: the stored fp32 oracle passes (margin rule, bf16), and greedy
+    generation runs to its length with the text of its tokens."""
+    assert main(["verify", str(oracle_bundle), "--backend", "fast", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["passed"] and "fast cuda" in rep["backend"]
+    assert main(["generate", str(oracle_bundle), "--prompt-ids", "2,105,300,301,302,106,107,105,200,107", "--greedy",
+                 "--max-new-tokens", "8", "--stop-ids", "0", "--backend", "fast", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert len(rec["tokens"]) == 8 and rec["finish_reason"] == "length"
+    assert rec["text"] == Bundle.open(oracle_bundle).tokenizer().decode(rec["tokens"], skip_special_tokens=True)
+
+
 def test_coreai_backend_needs_export(oracle_bundle, capsys):
     assert main(["generate", str(oracle_bundle), "--prompt", "hi", "--backend", "coreai"]) == 2
     line = _error_line(capsys)

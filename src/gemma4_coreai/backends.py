@@ -20,7 +20,7 @@ from .config import ModelConfig
 from .errors import Gemma4Error
 from .model import LINEAR_STORAGE, PLE_MODES, Gemma4Model, dequantize_ple, gather_ple_rows
 
-BACKENDS = ("torch", "coreai")
+BACKENDS = ("torch", "fast", "coreai")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 DEFAULT_MAX_CONTEXT = 4096
@@ -299,9 +299,23 @@ class _BundleTensors:
 def load_backend(bundle: Any, backend: str = "torch", *, export: str | Path | None = None, **kw: Any):
     """A backend by name for an opened bundle. torch kw: device, dtype, ple_mode, max_context, linear_storage,
     linear_strategy.
+    fast: the CUDA fast path (fast.FastCudaBackend: bf16, int4 GEMV kernels, compiled + CUDA-graph decode); kw:
+    device (cuda), dtype (bf16), ple_mode, max_context.
     coreai: `export` is the export-coreai output (OUT or OUT/gpu-pipelined/<name>); kw: ple_mode."""
     if backend not in BACKENDS:
         raise Gemma4Error(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "fast":
+        if kw.get("device") not in (None, "cuda") and not str(kw.get("device")).startswith("cuda"):
+            raise Gemma4Error(f"--backend fast runs on CUDA only (got --device {kw['device']}); on CPU use --backend "
+                              "torch (optionally --linear cpu-int4)")
+        if kw.get("dtype") not in (None, "bf16", torch.bfloat16):
+            raise Gemma4Error(f"--backend fast computes in bf16 (got --dtype {kw['dtype']})")
+        if kw.get("linear_strategy") not in (None, "stock"):
+            raise Gemma4Error(f"--linear {kw['linear_strategy']} is a CPU strategy; --backend fast has its own kernels")
+        from .fast import FastCudaBackend
+
+        return FastCudaBackend.from_bundle(bundle, max_context=kw.get("max_context"),
+                                           ple_mode=kw.get("ple_mode") or "tbl", device=kw.get("device") or "cuda")
     if backend == "coreai":
         from .coreai_backend import CoreAIBackend
 

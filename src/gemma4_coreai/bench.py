@@ -156,13 +156,16 @@ def bench(bundle_path: str | Path, *, device: str = "cpu", prompt_lens: list[int
     if max_ctx > cfg.max_position_embeddings:
         raise Gemma4Error(f"prompt {max(prompt_lens)} + generation {gen_len} tokens exceed the model's "
                           f"{cfg.max_position_embeddings} positions")
+    # The copy-bandwidth probe (2 x 1 GiB on CUDA) runs before the model exists, and is freed, so that the peak
+    # memory figures below are the model's alone.
+    bw = copy_bandwidth(dev) if measure_bandwidth else None
     if dev.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     t_load = time.perf_counter()
     eng = make_engine(b, dev, engine, ple_mode, max_ctx, dtype, compile)
     _sync(dev)
     load_s = time.perf_counter() - t_load
-    bw = copy_bandwidth(dev) if measure_bandwidth else None
 
     results = []
     for plen in prompt_lens:

@@ -123,11 +123,12 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backend")
-    g.add_argument("--backend", default="torch", choices=("torch", "coreai"),
-                   help="torch (CPU/CUDA, default) or coreai (an .aimodel written by export-coreai, on the Core AI "
-                        "runtime)")
+    g.add_argument("--backend", default="torch", choices=("torch", "fast", "coreai"),
+                   help="torch (stock model on CPU/CUDA, default); fast (CUDA only: int4 GEMV kernels, compiled "
+                        "decode with CUDA graphs, bf16; the first run of a process compiles for 1-3 minutes); or "
+                        "coreai (an .aimodel written by export-coreai, on the Core AI runtime)")
     g.add_argument("--device", default=None, choices=("cpu", "cuda"),
-                   help="torch device (default: cpu)")
+                   help="torch device (default: cpu; fast: cuda)")
     g.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="torch compute dtype (default: fp32 on cpu, bf16 on cuda)")
     g.add_argument("--ple-mode", default=None, choices=("provider", "tbl"),
@@ -147,6 +148,9 @@ def _backend(args: argparse.Namespace, bundle):
 
     if args.backend == "coreai":
         return load_backend(bundle, "coreai", export=args.export, ple_mode=args.ple_mode, device=args.device)
+    if args.backend == "fast":
+        return load_backend(bundle, "fast", device=args.device, dtype=args.dtype, ple_mode=args.ple_mode,
+                            linear_strategy=args.linear)
     return load_backend(bundle, "torch", device=args.device or "cpu", dtype=args.dtype, ple_mode=args.ple_mode,
                         linear_strategy=args.linear)
 

@@ -13,6 +13,8 @@
   CUDA graph per KV-length bucket, replayed with no host synchronisation inside a step. The graph also takes
   the greedy argmax and advances the device-side token and position, so `greedy(n)` queues n steps and
   synchronises once.
+- Token embedding (`embed_from_head`): where the int4 output head is a lossless copy of the 16-bit embedding (QAT
+  checkpoints), rows are gathered from the head and the 16-bit table is freed (E4B: 1.34 GB).
 - PLE in tbl mode: the int8 table is a resident buffer gathered in the graph (provider mode copies the host
   row into a static buffer before each replay).
 - KV cache: model.py's unified buffers, allocated once for `max_context`, written by `scatter_kv_write` (one
@@ -36,11 +38,13 @@ import torch.nn.functional as F
 from . import kernels  # noqa: F401  (registers torch.ops.gemma4.*)
 from .backends import TorchBackend
 from .errors import Gemma4Error
-from .kernels import FRAG_VARIANTS, cuda_ext, frag_ok, gemv_split, split_ok, to_frag_layout
+from .kernels import FRAG_VARIANTS, cuda_ext, frag_ok, gemv_split, q4_rows, split_ok, to_frag_layout
 from .model import Gemma4Model, Q4Linear, attention, dequantize_ple, set_attention, set_kv_write, set_linear_fn
 
 KV_BUCKET = 512
-PREFILL_CHUNK = 2048  # tokens per batched prefill forward (bounds the attention scores' memory)
+# Tokens per batched prefill forward: bounds activation memory. E4B at 4096 tokens on an H200 (NOTES.md, session 3):
+# chunks of 4096 took 105.7 ms against 147.9 ms for two of 2048 (eager launches dominate), peak +0.41 GiB.
+PREFILL_CHUNK = 4096
 
 
 def fast_linear(m: Q4Linear, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +101,29 @@ def use_frag_layout(model: Gemma4Model) -> int:
             _to_frag(lin)
             count += 1
     return count
+
+
+def embed_from_head(model: Gemma4Model, rows_per_check: int = 16384) -> bool:
+    """If the int4 output head dequantizes to exactly the 16-bit token embedding (a QAT checkpoint: the embedding
+    lies on the q4_0 lattice, so the head is its lossless copy), gather embedding rows from the head and free the
+    16-bit table (E4B: 1.34 GB). Checked row by row at load; returns whether it switched."""
+    head, table = model.lm_head, model.embed_tokens
+    if head.q4 is None or table.shape != (head.out_features, head.in_features):
+        return False
+    frag = _layout(head) == "frag"
+    for i in range(0, table.shape[0], rows_per_check):
+        ids = torch.arange(i, min(i + rows_per_check, table.shape[0]), device=table.device)
+        if not torch.equal(q4_rows(head.q4, head.scale, ids, table.dtype, frag), table[i:i + rows_per_check]):
+            return False
+    dtype = table.dtype
+    model.embed_tokens = table.new_empty(0)
+
+    def embed(self: Gemma4Model, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = q4_rows(self.lm_head.q4, self.lm_head.scale, input_ids, dtype, frag)
+        return rows.view(*input_ids.shape, -1)
+
+    model.embed = types.MethodType(embed, model)
+    return True
 
 
 def _graph_us(calls: Sequence[Any], rounds: int = 3) -> float:
@@ -285,6 +312,8 @@ class FastCudaBackend:
         self.gemv_tuning = tune_gemv(self.model, inner.dtype, frag=frag)
         self.tune_s = time.perf_counter() - t0
         self.frag = any(r["layout"] == "frag" for r in self.gemv_tuning.values())
+        self.embed_from_head = embed_from_head(self.model)
+        torch.cuda.empty_cache()
         set_linear_fn(self.model, fast_linear)
         set_kv_write(self.model, scatter_kv_write)
         if sdpa:
@@ -392,7 +421,8 @@ class FastCudaBackend:
         from .kernels import _CUDA
 
         gemv = ("CUDA C++ + tensor-core" if self.frag else "CUDA C++") if _CUDA["ext"] is not None else "Triton"
-        return f"fast cuda bf16 {self.ple_mode} ({gemv} int4 GEMV, {how}, max context {self.max_context})"
+        emb = ", embedding from the int4 head" if self.embed_from_head else ""
+        return f"fast cuda bf16 {self.ple_mode} ({gemv} int4 GEMV, {how}{emb}, max context {self.max_context})"
 
     def reset(self) -> None:
         self._position = 0
@@ -509,7 +539,8 @@ def _microbench_shape(n: int, k: int, g: torch.Generator, iters: int) -> dict[st
         else:
             row["rel_err"][v] = float((got - ref).norm() / ref.norm())
         per_split = {sp: timed(lambda i, v=v, sp=sp, wv=wv: q4_gemv_partials(x, *wv[i % len(wv)], sp, variant=v))
-                     for sp in (1, 2, 3, 4, 6, 8, 12, 16) if split_ok(k, sp, v) and (sp <= 8 or frag_v)}
+                     for sp in sorted({1, 2, 3, 4, 6, 8, 12, 16, default_gemv(n, k, "packed")[1]})
+                     if split_ok(k, sp, v) and (sp <= 8 or frag_v or sp == default_gemv(n, k, "packed")[1])}
         row["variants"][v] = per_split
     best = {v: min(ps.values()) for v, ps in row["variants"].items()}
     row["best_us"] = best

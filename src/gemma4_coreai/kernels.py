@@ -118,6 +118,21 @@ def from_frag_layout(q4: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     return w, sc
 
 
+def q4_rows(q4: Tensor, scale: Tensor, ids: Tensor, dtype: torch.dtype, frag: bool = False) -> Tensor:
+    """Rows `ids` of W (packed, or frag layout), dequantized to `dtype` like `q4_dequant_ref`: [len(ids), K]. Plain
+    torch indexing and arithmetic, so it compiles into the decode graph."""
+    n, k = _check(q4, scale)
+    kg, ids = k // BLOCK, ids.reshape(-1).long()
+    if frag:  # row r = 16G + 8h + g: its words t of each chunk's 4 blocks, back to block-major order
+        grp, h, g = ids // 16, (ids % 16) // 8, ids % 8
+        words = q4.view(torch.int32).view(n // 16, kg // 4, 2, 8, 4, 4)[grp, :, h, g]  # [S, c, t, j]
+        q4 = words.transpose(2, 3).reshape(-1, kg * 4).contiguous().view(torch.uint8)
+        scale = scale.view(n // 16, kg // 4, 2, 8, 4)[grp, :, h, g].reshape(-1, kg)
+    else:
+        q4, scale = q4[ids], scale[ids]
+    return q4_dequant_ref(q4, scale, dtype)
+
+
 def split_ok(k: int, split: int, variant: int = 0) -> bool:
     """Whether `split` K slices leave none empty (slices are of 32-blocks, or of 4-block chunks for frag)."""
     units = k // BLOCK // (4 if variant in FRAG_VARIANTS else 1)

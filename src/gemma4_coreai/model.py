@@ -403,6 +403,10 @@ class Gemma4Model(nn.Module):
         self.register_buffer("k_cache", torch.zeros(kv_shape, dtype=kv_dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(kv_shape, dtype=kv_dtype, device=device), persistent=False)
 
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embedding rows [1, S, H] in the table's dtype (the CUDA fast path may swap this per instance)."""
+        return F.embedding(input_ids.long(), self.embed_tokens)
+
     def q4_linears(self) -> Iterator[tuple[str, Q4Linear]]:
         """(canonical stem, module) for every int4 linear: what a linear strategy prepares for."""
         for m in self.modules():
@@ -438,7 +442,7 @@ class Gemma4Model(nn.Module):
         positions = start_pos.reshape(1).long() + torch.arange(s, device=input_ids.device)
         t = self.max_context if kv_len is None else kv_len
 
-        x0 = F.embedding(input_ids.long(), self.embed_tokens).to(dt) * self.embed_scale
+        x0 = self.embed(input_ids).to(dt) * self.embed_scale
         ple = self.per_layer_inputs(input_ids, x0, ple_rows)
         rope = {SLIDING: rope_cos_sin(positions, self.inv_freq_sliding, dt),
                 FULL: rope_cos_sin(positions, self.inv_freq_full, dt)}

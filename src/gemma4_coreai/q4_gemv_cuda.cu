@@ -16,6 +16,8 @@
 #include <cuda_fp16.h>
 #include <torch/extension.h>
 
+#include <type_traits>
+
 namespace {
 
 constexpr int WARPS = 4;   // warps per CTA
@@ -240,29 +242,24 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_mma_kernel(const __nv_bflo
 // ---- dequantize for prefill: W [N, K] = q * s in OT, one rounding of the exact product (= q4_dequant_ref) ----
 // One thread per 16 bytes of weights: 32 outputs written with 16-byte stores. Packed layout: one block of one row,
 // 64 contiguous output bytes. Frag layout: word t of 4 blocks of one row, 8 contiguous outputs in each block.
-__device__ __forceinline__ void store8(float* o, const float* v) {
-  reinterpret_cast<float4*>(o)[0] = make_float4(v[0], v[1], v[2], v[3]);
-  reinterpret_cast<float4*>(o)[1] = make_float4(v[4], v[5], v[6], v[7]);
+__device__ __forceinline__ uint32_t pack2(__nv_bfloat16*, float a, float b) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
 }
-__device__ __forceinline__ void store8(__nv_bfloat16* o, const float* v) {
-  uint4 r;
-  uint32_t* u = reinterpret_cast<uint32_t*>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-    u[i] = *reinterpret_cast<const uint32_t*>(&h);
-  }
-  *reinterpret_cast<uint4*>(o) = r;
+__device__ __forceinline__ uint32_t pack2(__half*, float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
 }
-__device__ __forceinline__ void store8(__half* o, const float* v) {
-  uint4 r;
-  uint32_t* u = reinterpret_cast<uint32_t*>(&r);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-    u[i] = *reinterpret_cast<const uint32_t*>(&h);
+
+template <typename OT>
+__device__ __forceinline__ void store8(OT* o, const float* v) {  // 8 outputs, two or one 16-byte stores
+  if constexpr (std::is_same_v<OT, float>) {
+    reinterpret_cast<float4*>(o)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(o)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    *reinterpret_cast<uint4*>(o) = make_uint4(pack2(o, v[0], v[1]), pack2(o, v[2], v[3]), pack2(o, v[4], v[5]),
+                                              pack2(o, v[6], v[7]));
   }
-  *reinterpret_cast<uint4*>(o) = r;
 }
 
 // word w (bytes 4i..4i+3 of a block: columns 8i..8i+7) -> 8 values q * s in column order
