@@ -72,6 +72,19 @@ def test_verify_passes_with_stored_oracle(oracle_bundle, capsys):
     assert "16/16 tokens match" in out and out.strip().endswith("PASS")
 
 
+def test_verify_margin_follows_precision(oracle_bundle, capsys):
+    """fp32 backends get DESIGN's 0.1 margin, half-precision ones the wider 0.75 (bf16 noise on these models is
+    up to ~0.7); --tie-gap overrides it, and a negative one is refused."""
+    assert main(["verify", str(oracle_bundle), "--tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tie_gap"] == 0.1
+    main(["verify", str(oracle_bundle), "--tokens", "4", "--dtype", "bf16", "--json"])
+    assert json.loads(capsys.readouterr().out)["tie_gap"] == 0.75
+    main(["verify", str(oracle_bundle), "--tokens", "4", "--dtype", "bf16", "--tie-gap", "0.1", "--json"])
+    assert json.loads(capsys.readouterr().out)["tie_gap"] == 0.1
+    assert main(["verify", str(oracle_bundle), "--tie-gap", "-1"]) == 2
+    assert _error_line(capsys) == "error: --tie-gap must be >= 0 (got -1.0)"
+
+
 def test_verify_against_live_reference(oracle_bundle, tiny_ckpt, capsys):
     assert main(["verify", str(oracle_bundle), "--reference", str(tiny_ckpt), "--tokens", "8", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)

@@ -188,23 +188,20 @@ def tune_gemv(model: Gemma4Model, x_dtype: torch.dtype = torch.bfloat16, frag: b
         layouts = {lin.layout for lin in lins}
         layout = layouts.pop() if len(layouts) == 1 else "mixed"
         can_frag = frag and layout == "packed" and all(_frag_allowed(lin) for lin in lins)
-        cands = [(v, sp, "packed") for v, sp in gemv_candidates(n, k, "packed", x_dtype)] if layout == "packed" \
-            else [(v, sp, "frag") for v, sp in gemv_candidates(n, k, "frag", x_dtype)] if layout == "frag" else []
-        if can_frag:
-            cands += [(v, sp, "frag") for v, sp in gemv_candidates(n, k, "frag", x_dtype)]
         if layout == "mixed":  # not produced by the fast path; keep every linear on its own default
             for lin in lins:
                 lin.gemv = default_gemv(n, k, lin.layout)
             continue
+        cands = [(v, sp, lay) for lay in ((layout, "frag") if can_frag else (layout,))
+                 for v, sp in gemv_candidates(n, k, lay, x_dtype)]
         if not tune or len(cands) == 1:
             pick = (*default_gemv(n, k, layout), layout)
             times = {pick: None}
         else:
             per_set = n * k // 2 * 1.125
             sets = lins[:max(1, min(len(lins), math.ceil(256e6 / per_set)))]
-            weights = {"packed": [(m.q4, m.scale) for m in sets] if layout == "packed" else None,
-                       "frag": [(m.q4, m.scale) for m in sets] if layout == "frag" else None}
-            if can_frag:
+            weights = {layout: [(m.q4, m.scale) for m in sets]}
+            if can_frag:  # timed on temporary copies; the winner's weights move below
                 weights["frag"] = [to_frag_layout(m.q4, m.scale) for m in sets]
             x = torch.randn(1, k, device=sets[0].q4.device).to(x_dtype)
             times = {}
@@ -301,7 +298,7 @@ class FastCudaBackend:
         self.model = self.inner.model
         ple_mode = inner.ple_mode
         self.config, self.max_context, self.ple_mode = self.inner.config, self.inner.max_context, ple_mode
-        self.device = self.inner.device
+        self.device, self.dtype = self.inner.device, self.inner.dtype
         for _, lin in self.model.q4_linears():
             lin.q4 = lin.q4.contiguous()
             lin.scale = lin.scale.contiguous()
