@@ -9,7 +9,8 @@
 # unpacked (or .tar.gz of the) sdist's vendor/llama.cpp, for machines without network; otherwise the script runs
 # `pip download --no-binary :all: llama-cpp-python==VERSION` and unpacks vendor/llama.cpp itself.
 # STAGES (default "fetch build synth gguf ours llama hf report") selects stages; OURS_PROMPTS (default
-# "128 512 4096") the prompt lengths of our bench.
+# "128 512 4096") the prompt lengths of our bench. LLAMA_BUILD_TAR: a .tar.gz of an earlier run's
+# llama-build/bin (or a glob of its split pieces, quoted) to unpack instead of building (~5 min saved).
 set -uo pipefail
 W=${1:-/tmp/g4bench}
 mkdir -p "$W"
@@ -38,6 +39,11 @@ fetch() {  # llama.cpp source from the PyPI sdist of llama-cpp-python
 
 build() {  # CUDA build of the two tools we need (sm_90; tests, examples, server off)
   [ -x "$W/llama-build/bin/llama-bench" ] && [ -x "$W/llama-build/bin/llama-quantize" ] && return 0
+  if [ -n "${LLAMA_BUILD_TAR:-}" ]; then
+    # shellcheck disable=SC2086  # a glob of split pieces is allowed
+    cat $LLAMA_BUILD_TAR | tar xzf - -C "$W" && [ -x "$W/llama-build/bin/llama-bench" ] && return 0
+    echo "LLAMA_BUILD_TAR did not hold llama-build/bin/llama-bench; building"
+  fi
   local arch=${CUDA_ARCH:-90}
   cmake -S "$W/llama-src" -B "$W/llama-build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
     -DCMAKE_CUDA_ARCHITECTURES="$arch" -DGGML_CUDA_FA_QUANTS=f16-f16 -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON \
