@@ -172,6 +172,28 @@ def test_fast_backend_verifies_and_generates(oracle_bundle, capsys):
     assert rec["text"] == Bundle.open(oracle_bundle).tokenizer().decode(rec["tokens"], skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("extra,message", [
+    ([], "error: compile needs a cpu-int4 linear strategy (--linear cpu-int4 or cpu-int4-f32"),
+    (["--backend", "fast"], "error: --compile is for --backend torch"),
+])
+def test_compile_needs_the_cpu_int4_engine(oracle_bundle, capsys, extra, message):
+    assert main(["generate", str(oracle_bundle), "--prompt", "hi", "--compile", *extra]) == 2
+    assert _error_line(capsys).startswith(message)
+
+
+def test_generate_with_compiled_cpu_step(oracle_bundle, capsys):
+    """--compile with the native int4 kernel (fp32 activations): says it compiles, and greedy tokens equal the eager
+    step's."""
+    args = ["generate", str(oracle_bundle), "--prompt-ids", "2,105,300,301,302,106,107,105,200,107", "--greedy",
+            "--max-new-tokens", "6", "--stop-ids", "0", "--linear", "cpu-int4-f32", "--json"]
+    assert main(args) == 0
+    eager = json.loads(capsys.readouterr().out)["tokens"]
+    assert main(args + ["--compile"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["tokens"] == eager and len(eager) == 6
+    assert "the first decode step compiles the model" in err
+
+
 def test_coreai_backend_needs_export(oracle_bundle, capsys):
     assert main(["generate", str(oracle_bundle), "--prompt", "hi", "--backend", "coreai"]) == 2
     line = _error_line(capsys)

@@ -107,7 +107,8 @@ class TorchBackend:
         if strategy not in LINEAR_STRATEGIES:
             raise Gemma4Error(f"unknown linear strategy {strategy!r}: expected one of {', '.join(LINEAR_STRATEGIES)}")
         if compile and strategy == "stock":  # the compiled step is built (and tested) around the native kernel
-            raise Gemma4Error("compile needs a cpu-int4 linear strategy (the CUDA fast engine compiles on its own)")
+            raise Gemma4Error("compile needs a cpu-int4 linear strategy (--linear cpu-int4 or cpu-int4-f32; the CUDA "
+                              "fast engine compiles on its own)")
         if strategy != "stock":
             from . import cpu_kernels
 
