@@ -110,17 +110,17 @@ def embed_from_head(model: Gemma4Model, rows_per_check: int = 16384) -> bool:
     head, table = model.lm_head, model.embed_tokens
     if head.q4 is None or table.shape != (head.out_features, head.in_features):
         return False
-    frag = _layout(head) == "frag"
     for i in range(0, table.shape[0], rows_per_check):
         ids = torch.arange(i, min(i + rows_per_check, table.shape[0]), device=table.device)
-        if not torch.equal(q4_rows(head.q4, head.scale, ids, table.dtype, frag), table[i:i + rows_per_check]):
+        rows = q4_rows(head.q4, head.scale, ids, table.dtype, _layout(head) == "frag")
+        if not torch.equal(rows, table[i:i + rows_per_check]):
             return False
     dtype = table.dtype
     model.embed_tokens = table.new_empty(0)
 
     def embed(self: Gemma4Model, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = q4_rows(self.lm_head.q4, self.lm_head.scale, input_ids, dtype, frag)
-        return rows.view(*input_ids.shape, -1)
+        head = self.lm_head
+        return q4_rows(head.q4, head.scale, input_ids, dtype, _layout(head) == "frag").view(*input_ids.shape, -1)
 
     model.embed = types.MethodType(embed, model)
     return True

@@ -108,26 +108,31 @@ def to_frag_layout(q4: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     return w, sc
 
 
+def _frag_views(q4: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Frag tensors as words [G, c, h, g, t, j] and scales [G, c, h, g, j] (views, no copy)."""
+    n, k = _check(q4, scale)
+    kg = k // BLOCK
+    return (q4.view(torch.int32).view(n // 16, kg // 4, 2, 8, 4, 4),
+            scale.view(n // 16, kg // 4, 2, 8, 4))
+
+
 def from_frag_layout(q4: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """The inverse of `to_frag_layout`."""
     n, k = _check(q4, scale)
-    kg = k // BLOCK
-    w = q4.contiguous().view(torch.int32).view(n // 16, kg // 4, 2, 8, 4, 4)  # [G, c, h, g, t, j]
-    w = w.permute(0, 2, 3, 1, 5, 4).contiguous().view(torch.uint8).view(n, k // 2)
-    sc = scale.contiguous().view(n // 16, kg // 4, 2, 8, 4).permute(0, 2, 3, 1, 4).contiguous().view(n, kg)
-    return w, sc
+    w, sc = _frag_views(q4.contiguous(), scale.contiguous())
+    w = w.permute(0, 2, 3, 1, 5, 4).contiguous().view(torch.uint8).view(n, k // 2)  # [G, h, g, c, j, t]
+    return w, sc.permute(0, 2, 3, 1, 4).contiguous().view(n, k // BLOCK)
 
 
 def q4_rows(q4: Tensor, scale: Tensor, ids: Tensor, dtype: torch.dtype, frag: bool = False) -> Tensor:
     """Rows `ids` of W (packed, or frag layout), dequantized to `dtype` like `q4_dequant_ref`: [len(ids), K]. Plain
     torch indexing and arithmetic, so it compiles into the decode graph."""
-    n, k = _check(q4, scale)
-    kg, ids = k // BLOCK, ids.reshape(-1).long()
+    kg, ids = scale.shape[1], ids.reshape(-1).long()
     if frag:  # row r = 16G + 8h + g: its words t of each chunk's 4 blocks, back to block-major order
+        w, sc = _frag_views(q4, scale)
         grp, h, g = ids // 16, (ids % 16) // 8, ids % 8
-        words = q4.view(torch.int32).view(n // 16, kg // 4, 2, 8, 4, 4)[grp, :, h, g]  # [S, c, t, j]
-        q4 = words.transpose(2, 3).reshape(-1, kg * 4).contiguous().view(torch.uint8)
-        scale = scale.view(n // 16, kg // 4, 2, 8, 4)[grp, :, h, g].reshape(-1, kg)
+        q4 = w[grp, :, h, g].transpose(2, 3).reshape(-1, kg * 4).contiguous().view(torch.uint8)  # [S, c, j, t]
+        scale = sc[grp, :, h, g].reshape(-1, kg)
     else:
         q4, scale = q4[ids], scale[ids]
     return q4_dequant_ref(q4, scale, dtype)
