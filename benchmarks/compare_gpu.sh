@@ -20,6 +20,8 @@ PY=${PYTHON:-python3}
 VER=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 STAGES=${STAGES:-"fetch build synth gguf ours llama hf report"}
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
+# the tools' shared libraries sit beside them; an unpacked LLAMA_BUILD_TAR keeps its build's rpath, not this one
+export LD_LIBRARY_PATH="$W/llama-build/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 JOBS=$(nproc)
 stage() { echo "=== $(date +%T) $*"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }

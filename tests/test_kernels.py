@@ -57,6 +57,27 @@ def test_cpu_int4_mm_fp32_exact():
     assert rel(K.cpu_int4_mm(x, packed, sz), want) < 1e-5
 
 
+@pytest.mark.parametrize("variant", [0, 16])
+def test_gemv_op_reduce_flag_shapes(variant):
+    """The custom op's contract off the GPU (stock fallback, and the fake kernel torch.compile traces with): [split, N]
+    partials, or [1, N] with GEMV_REDUCE; either way the rows sum to x @ W.T."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    n, k, split = 32, 256, 2
+    q, q4, d = rand_q4(n, k, 11, "cpu")
+    w = K.to_frag_layout(q4, d) if variant in K.FRAG_VARIANTS else (q4, d)
+    x = torch.randn(1, k)
+    want = x.double() @ q4_0_dequantize(q, d).double().t()
+    for flag, rows in ((0, split), (K.GEMV_REDUCE, 1)):
+        got = torch.ops.gemma4.q4_gemv_partials(x, *w, split, variant | flag)
+        assert got.shape == (rows, n) and rel(got.sum(0, keepdim=True), want) < 1e-5, flag
+        with FakeTensorMode() as mode:
+            fake = torch.ops.gemma4.q4_gemv_partials(mode.from_tensor(x), *map(mode.from_tensor, w), split,
+                                                     variant | flag)
+        assert fake.shape == (rows, n) and fake.dtype == torch.float32
+    assert K.split_ok(k, 2, 16 | K.GEMV_REDUCE) == K.split_ok(k, 2, 16)
+
+
 @triton_dev
 @pytest.mark.cuda
 @pytest.mark.parametrize("n,k", [(37, 256), (64, 512), (2560, 2560), (300, 10240)])
@@ -93,11 +114,13 @@ def test_triton_dequant_exact(n, k):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("compile", [False, True])
-def test_fast_decode_matches_stock(tiny_bundle, compile):
+@pytest.mark.parametrize("opts", [{"compile": False}, {"compile": True},
+                                  {"compile": True, "pdl": False, "reduce": False, "compile_prefill": False}],
+                         ids=["eager", "compiled", "compiled-no-pdl-no-reduce"])
+def test_fast_decode_matches_stock(tiny_bundle, opts):
     """Teacher-forced along the fp32 path's greedy tokens, the fast path's prefill and decode logits are as close
-    to the fp32 stock path as the stock bf16 path is (bf16 tolerance), and its device-side greedy loop equals
-    the host loop."""
+    to the fp32 stock path as the stock bf16 path is (bf16 tolerance), also for a prompt prefilled in pieces
+    (a 1-token piece included), and its device-side greedy loop equals the host loop."""
     from gemma4_coreai.backends import TorchBackend
     from gemma4_coreai.bundle import Bundle
     from gemma4_coreai.fast import FastCudaBackend
@@ -105,9 +128,18 @@ def test_fast_decode_matches_stock(tiny_bundle, compile):
     b = Bundle.open(tiny_bundle)
     ref = TorchBackend.from_bundle(b, device="cuda", dtype="fp32", ple_mode="tbl", max_context=96)
     stock = TorchBackend.from_bundle(b, device="cuda", dtype="bf16", ple_mode="tbl", max_context=96)
-    fast = FastCudaBackend.from_bundle(b, max_context=96, compile=compile)
+    fast = FastCudaBackend(TorchBackend.from_bundle(b, device="cuda", dtype="bf16", ple_mode="tbl", max_context=96,
+                                                    linear_storage="packed"), **opts)
     ids = torch.randint(3, b.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3)).tolist()
-    lr, ls, lf = ref.prefill(ids), stock.prefill(ids), fast.prefill(ids)
+    lr, ls = ref.prefill(ids), stock.prefill(ids)
+    for cuts in ((25, 26), (39,)):  # pieces of 25, 1 and 14 tokens; then 39 and 1
+        fast.reset()
+        for lo, hi in zip((0, *cuts), (*cuts, len(ids)), strict=True):
+            lf = fast.prefill(ids[lo:hi])
+        assert fast.position == len(ids)
+        assert rel(lf, lr) < max(2 * rel(ls, lr), 2e-2), cuts
+    fast.reset()
+    lf = fast.prefill(ids)
     e_stock, e_fast = [rel(ls, lr)], [rel(lf, lr)]
     tok = int(lr.argmax())
     for _ in range(30):  # past the sliding window (16)
@@ -324,12 +356,15 @@ def test_tune_gemv_moves_winning_shapes_to_frag(monkeypatch):
         return 1.0 + sp / 100 + (0.0 if lay == "frag" else 0.5)
 
     monkeypatch.setattr(fast, "cuda_ext", lambda: object())  # candidates as where the CUDA kernel builds
-    report = fast.tune_gemv(b, torch.float32, timer=timer)
+    report = fast.tune_gemv(b, torch.float32, timer=timer, reduce=True)
     assert seen == {"packed", "frag"}
     for (n, k), r in report.items():
         assert r["layout"] == ("frag" if K.frag_ok(n, k) else "packed") and r["pick"][1] == 1, ((n, k), r)
+        assert r["reduce"] and not r["pick"][0] & K.GEMV_REDUCE, r
     for _, lin in b.q4_linears():
         assert lin.layout == ("frag" if K.frag_ok(lin.out_features, lin.in_features) else "packed"), lin.name
+        if lin.q4._base is None:  # the linears the fast path calls reduce in the kernel
+            assert lin.gemv[0] & K.GEMV_REDUCE, lin.name
     set_linear_fn(b, fast.fast_linear)
     ids = torch.randint(3, ref.cfg.vocab_size, (1, 21), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
@@ -370,6 +405,24 @@ def test_embedding_from_int4_head(frag):
     c.embed_tokens = c.embed_tokens.clone()
     c.embed_tokens[7, 3] += 1
     assert not embed_from_head(c) and c.embed_tokens.numel() > 0
+
+
+def test_embedding_from_head_follows_a_later_layout_change():
+    """The fast backend switches the embedding before tuning, which may then move the head to the frag layout:
+    the gather reads the head's layout at call time, so rows stay bit-identical."""
+    from hf_reference import build_reference, tiny
+
+    from gemma4_coreai.fast import _to_frag, embed_from_head
+    from gemma4_coreai.model import Gemma4Model
+
+    ref = build_reference(tiny())
+    a, b = (Gemma4Model(ref.cfg, ref.weights, ple_mode="tbl", max_context=48, linear_storage="packed",
+                        ple_table=ref.ple_table, ple_scale=ref.ple_scale).eval() for _ in range(2))
+    assert embed_from_head(b)
+    _to_frag(b.lm_head)
+    ids = torch.tensor([[0, 5, 17, 300, ref.cfg.vocab_size - 1]])
+    with torch.inference_mode():
+        assert torch.equal(b.embed(ids), a.embed(ids))
 
 
 def test_frag_layout_feeds_mma_fragments():
@@ -471,6 +524,53 @@ def test_gpu_gemv_variants(n, k):
                 part = K.q4_gemv_partials(x.cuda(), *w, split, variant=v)
                 assert part.shape == (split, n) and not torch.isnan(part).any()
                 assert rel(part.sum(0).cpu(), want) < 1e-5, (name, sdt, split)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k", [(48, 384), (2560, 2560), (96, 10240), (262144, 256)])
+def test_gpu_gemv_reduce_and_pdl(n, k):
+    """The in-kernel split-K sum (variant | GEMV_REDUCE): for every variant and split, with and without programmatic
+    dependent launch, [1, N] equal to the partials' in-order sum, bit for bit (same fp32 products, same order);
+    repeated launches agree (the tile counters reset themselves), also replayed inside one CUDA graph. N = 262144
+    spans more row tiles than one wave of CTAs."""
+    if K.cuda_ext() is None:
+        pytest.skip(f"the CUDA GEMV did not build: {K._CUDA['error']}")
+    q, q4, d = rand_q4(n, k, 7 * n + k, "cuda")
+    x = torch.randn(1, k).bfloat16().cuda()
+    fq4, fd = K.to_frag_layout(q4, d) if K.frag_ok(n, k) else (None, None)
+    try:
+        for pdl in (False, True):
+            K.set_pdl(pdl)
+            for v, name in K.GEMV_VARIANTS.items():
+                if name.startswith("read-only") or (v in K.FRAG_VARIANTS and fq4 is None):
+                    continue
+                w = (fq4, fd) if v in K.FRAG_VARIANTS else (q4, d)
+                for split in (1, 2, 3, 7):
+                    if not K.split_ok(k, split, v):
+                        continue
+                    part = K.q4_gemv_partials(x, *w, split, variant=v)
+                    want = part[0].clone()
+                    for i in range(1, split):
+                        want += part[i]
+                    for _ in range(2):
+                        got = K.q4_gemv_partials(x, *w, split, variant=v | K.GEMV_REDUCE)
+                        assert got.shape == (1, n) and torch.equal(got[0], want), (name, split, pdl)
+        K.set_pdl(True)
+        v = 17 if fq4 is not None else 3
+        w = (fq4, fd) if fq4 is not None else (q4, d)
+        want = K.q4_gemv_partials(x, *w, 2, variant=v).sum(0)
+        graph, outs = torch.cuda.CUDAGraph(), []
+        with torch.cuda.graph(graph):
+            for _ in range(3):
+                outs.append(torch.ops.gemma4.q4_gemv_partials(x, *w, 2, v | K.GEMV_REDUCE))
+        for _ in range(2):
+            graph.replay()
+            torch.cuda.synchronize()
+            for o in outs:
+                assert rel(o[0].cpu().double(), want.cpu().double()) < 1e-6
+    finally:
+        K.set_pdl(False)
 
 
 @requires_cuda

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 import types
 import warnings
@@ -38,7 +39,17 @@ import torch.nn.functional as F
 from . import kernels  # noqa: F401  (registers torch.ops.gemma4.*)
 from .backends import TorchBackend
 from .errors import Gemma4Error
-from .kernels import FRAG_VARIANTS, cuda_ext, frag_ok, gemv_split, q4_rows, split_ok, to_frag_layout
+from .kernels import (
+    FRAG_VARIANTS,
+    GEMV_REDUCE,
+    cuda_ext,
+    frag_ok,
+    gemv_split,
+    q4_rows,
+    set_pdl,
+    split_ok,
+    to_frag_layout,
+)
 from .model import Gemma4Model, Q4Linear, attention, dequantize_ple, set_attention, set_kv_write, set_linear_fn
 
 KV_BUCKET = 512
@@ -126,6 +137,14 @@ def embed_from_head(model: Gemma4Model, rows_per_check: int = 16384) -> bool:
     return True
 
 
+def inductor_options(pdl: bool) -> dict[str, Any]:
+    """torch.compile options of the fast path's steps: programmatic dependent launch for inductor's Triton kernels
+    where this torch has it (each kernel waits for its producer inside, so its launch overlaps the previous one)."""
+    import torch._inductor.config as inductor_config
+
+    return {"triton.enable_pdl": True} if pdl and hasattr(inductor_config.triton, "enable_pdl") else {}
+
+
 def _graph_us(calls: Sequence[Any], rounds: int = 3) -> float:
     """Median GPU microseconds per call of `calls` (zero-argument callables) replayed as one CUDA graph."""
     stream = torch.cuda.Stream()
@@ -165,16 +184,15 @@ def gemv_candidates(n: int, k: int, layout: str, x_dtype: torch.dtype) -> list[t
 
 
 def tune_gemv(model: Gemma4Model, x_dtype: torch.dtype = torch.bfloat16, frag: bool = True,
-              timer: Any = None) -> dict[tuple[int, int], Any]:
+              timer: Any = None, reduce: bool = False) -> dict[tuple[int, int], Any]:
     """Pick each linear's GEMV kernel, K split and weight layout by timing every candidate on the model's own
     weights (CUDA graphs over the linears of one shape, rotating so that L2 does not hold them; the frag layout
     timed on temporary copies), then set `lin.gemv` = (variant, split) and move the shape's weights to the frag
     layout where a tensor-core variant won (`frag`: allow that). One entry per (N, K): {"pick": (variant, split),
     "layout", "us", "tried"}. GEMMA4_GEMV_TUNE=0 skips the timing: the default CUDA-core kernel everywhere.
     Views (parts of stacked projections) are not called by the fast path and are skipped. `timer(calls, key)`
-    (tests) replaces the CUDA-graph timing; key = (N, K, variant, split, layout)."""
-    import os
-
+    (tests) replaces the CUDA-graph timing; key = (N, K, variant, split, layout). `reduce`: every pick (and every
+    timed candidate) adds its K slices in the kernel (variant | GEMV_REDUCE; CUDA kernel only)."""
     timer = timer or (lambda calls, key: _graph_us(calls))
 
     groups: dict[tuple[int, int], list[Q4Linear]] = {}
@@ -183,6 +201,7 @@ def tune_gemv(model: Gemma4Model, x_dtype: torch.dtype = torch.bfloat16, frag: b
         if lin.q4 is not None and lin.q4._base is None:
             groups.setdefault((lin.out_features, lin.in_features), []).append(lin)
     tune = os.environ.get("GEMMA4_GEMV_TUNE", "1") != "0"
+    flag = GEMV_REDUCE if reduce else 0
     report = {}
     for (n, k), lins in groups.items():
         layouts = {lin.layout for lin in lins}
@@ -190,7 +209,8 @@ def tune_gemv(model: Gemma4Model, x_dtype: torch.dtype = torch.bfloat16, frag: b
         can_frag = frag and layout == "packed" and all(_frag_allowed(lin) for lin in lins)
         if layout == "mixed":  # not produced by the fast path; keep every linear on its own default
             for lin in lins:
-                lin.gemv = default_gemv(n, k, lin.layout)
+                v, sp = default_gemv(n, k, lin.layout)
+                lin.gemv = (v | flag, sp)
             continue
         cands = [(v, sp, lay) for lay in ((layout, "frag") if can_frag else (layout,))
                  for v, sp in gemv_candidates(n, k, lay, x_dtype)]
@@ -207,7 +227,7 @@ def tune_gemv(model: Gemma4Model, x_dtype: torch.dtype = torch.bfloat16, frag: b
             times = {}
             with torch.inference_mode():
                 for v, sp, lay in cands:
-                    calls = [lambda w=w, v=v, sp=sp, x=x: torch.ops.gemma4.q4_gemv_partials(x, *w, sp, v)
+                    calls = [lambda w=w, v=v | flag, sp=sp, x=x: torch.ops.gemma4.q4_gemv_partials(x, *w, sp, v)
                              for w in weights[lay]] * max(1, 8 // len(sets))
                     times[(v, sp, lay)] = timer(calls, (n, k, v, sp, lay))
             del weights
@@ -216,8 +236,9 @@ def tune_gemv(model: Gemma4Model, x_dtype: torch.dtype = torch.bfloat16, frag: b
             for lin in lins:
                 _to_frag(lin)
         for lin in lins:
-            lin.gemv = pick[:2]
-        report[(n, k)] = {"pick": pick[:2], "layout": pick[2], "us": times[pick], "tried": len(times)}
+            lin.gemv = (pick[0] | flag, pick[1])
+        report[(n, k)] = {"pick": pick[:2], "layout": pick[2], "us": times[pick], "tried": len(times),
+                          "reduce": bool(flag)}
     return report
 
 
@@ -288,10 +309,14 @@ class FastCudaBackend:
     name = "fast"
 
     def __init__(self, inner: TorchBackend, *, compile: bool = True, cuda_graph: bool = True, stack: bool = True,
-                 sdpa: bool = True, frag: bool = True):
+                 sdpa: bool = True, frag: bool = True, compile_prefill: bool = True, pdl: bool | None = None,
+                 reduce: bool | None = None):
         """Wrap a TorchBackend built on CUDA in bf16 with linear_storage='packed' (see `from_bundle`); `stack`:
         apply `stack_projections` (one GEMV for q/k/v, one for gate/up); `sdpa`: fused attention in prefill;
-        `frag`: the tensor-core GEMV where the CUDA kernel builds (`use_frag_layout`)."""
+        `frag`: the tensor-core GEMV where the CUDA kernel builds (`use_frag_layout`); `compile_prefill`: batched
+        prefill through torch.compile too (with `compile`); `pdl`: programmatic dependent launch for the GEMVs and
+        inductor's kernels on Hopper+ (default: on, GEMMA4_PDL=0 turns it off); `reduce`: GEMVs add their K slices
+        in-kernel (default: on with the CUDA kernel, GEMMA4_GEMV_REDUCE=0 turns it off)."""
         if inner.device.type != "cuda" or inner.model.lm_head.storage != "packed":
             raise Gemma4Error("the fast path needs a CUDA torch backend with packed int4 linears")
         self.inner = inner
@@ -304,12 +329,18 @@ class FastCudaBackend:
             lin.scale = lin.scale.contiguous()
         if stack:
             stack_projections(self.model)
+        # Before tuning: the 16-bit table goes first, so tuning's temporary frag copies never coexist with it.
+        self.embed_from_head = embed_from_head(self.model)
+        torch.cuda.empty_cache()
         t0 = time.perf_counter()
         frag = frag and inner.dtype == torch.bfloat16 and cuda_ext() is not None
-        self.gemv_tuning = tune_gemv(self.model, inner.dtype, frag=frag)
+        if reduce is None:
+            reduce = os.environ.get("GEMMA4_GEMV_REDUCE", "1") != "0"
+        self.reduce = bool(reduce and cuda_ext() is not None)
+        self.pdl = set_pdl(os.environ.get("GEMMA4_PDL", "1") != "0" if pdl is None else pdl)
+        self.gemv_tuning = tune_gemv(self.model, inner.dtype, frag=frag, reduce=self.reduce)
         self.tune_s = time.perf_counter() - t0
         self.frag = any(r["layout"] == "frag" for r in self.gemv_tuning.values())
-        self.embed_from_head = embed_from_head(self.model)
         torch.cuda.empty_cache()
         set_linear_fn(self.model, fast_linear)
         set_kv_write(self.model, scatter_kv_write)
@@ -329,24 +360,31 @@ class FastCudaBackend:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._step_fn = self._step
+        options = inductor_options(self.pdl)
         if compile:
-            self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=True)
+            self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=True, options=options)
+        self._prefill_fn = (torch.compile(self._prefill_step, dynamic=True, options=options)
+                            if compile and compile_prefill else None)
         self._position = 0
         self.compile_s = 0.0
 
     @classmethod
     def from_bundle(cls, bundle: Any, *, max_context: int | None = None, ple_mode: str = "tbl",
-                    device: str = "cuda", compile: bool = True, cuda_graph: bool = True,
-                    stack: bool = True, sdpa: bool = True, frag: bool = True) -> FastCudaBackend:
+                    device: str = "cuda", **kw: Any) -> FastCudaBackend:
+        """Load a bundle onto the GPU in bf16 with packed int4 linears; `kw`: the switches of `__init__`."""
         if not torch.cuda.is_available():
             raise Gemma4Error("the fast path needs a CUDA GPU (use the stock torch backend on CPU)")
         inner = TorchBackend.from_bundle(bundle, device=device, dtype=torch.bfloat16, ple_mode=ple_mode,
                                          max_context=max_context or bundle.max_context, linear_storage="packed")
-        return cls(inner, compile=compile, cuda_graph=cuda_graph, stack=stack, sdpa=sdpa, frag=frag)
+        return cls(inner, **kw)
 
-    # -- the decode step (what the graph captures) --
+    # -- the decode step (what the graph captures) and the batched prefill step --
     def _step(self, ids: torch.Tensor, pos: torch.Tensor, ple: torch.Tensor | None, kv_len: int) -> torch.Tensor:
         return self.model(ids, pos, ple, kv_len=kv_len)[0, -1]
+
+    def _prefill_step(self, ids: torch.Tensor, pos: torch.Tensor, ple: torch.Tensor | None,
+                      kv_len: int) -> torch.Tensor:
+        return self.model(ids, pos, ple, kv_len=kv_len, last_only=True)[0, -1]
 
     def _captured_step(self, kv_len: int) -> None:
         logits = self._step_fn(self._ids, self._pos, self._ple, kv_len)
@@ -400,7 +438,8 @@ class FastCudaBackend:
         from .kernels import GEMV_VARIANTS
 
         return [{"N": n, "K": k, "layout": r["layout"], "kernel": GEMV_VARIANTS[r["pick"][0]], "split": r["pick"][1],
-                 "us": r["us"], "candidates": r["tried"]} for (n, k), r in self.gemv_tuning.items()]
+                 "reduce": r["reduce"], "us": r["us"], "candidates": r["tried"]}
+                for (n, k), r in self.gemv_tuning.items()]
 
     def warm(self, positions: Sequence[int]) -> None:
         """Build (compile + capture) the graphs that decoding at these positions will use."""
@@ -418,8 +457,10 @@ class FastCudaBackend:
         from .kernels import _CUDA
 
         gemv = ("CUDA C++ + tensor-core" if self.frag else "CUDA C++") if _CUDA["ext"] is not None else "Triton"
-        emb = ", embedding from the int4 head" if self.embed_from_head else ""
-        return f"fast cuda bf16 {self.ple_mode} ({gemv} int4 GEMV, {how}{emb}, max context {self.max_context})"
+        extra = "".join((", in-kernel split-K sums" if self.reduce else "", ", PDL" if self.pdl else "",
+                         ", compiled prefill" if self._prefill_fn is not None else "",
+                         ", embedding from the int4 head" if self.embed_from_head else ""))
+        return f"fast cuda bf16 {self.ple_mode} ({gemv} int4 GEMV, {how}{extra}, max context {self.max_context})"
 
     def reset(self) -> None:
         self._position = 0
@@ -433,14 +474,37 @@ class FastCudaBackend:
         return out
 
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
-        """Batched prefill (dequantize + tensor-core GEMMs, SDPA attention), in chunks of PREFILL_CHUNK tokens."""
+        """Batched prefill (dequantize + tensor-core GEMMs, SDPA attention), in chunks of PREFILL_CHUNK tokens;
+        compiled (one dynamic-length graph, built on the first call) unless `compile_prefill` is off."""
         ids = list(ids)
         if not ids:
             raise Gemma4Error("need at least one token")
-        self.inner._position = self._position
         for i in range(0, len(ids), PREFILL_CHUNK):
-            logits = self.inner.prefill(ids[i:i + PREFILL_CHUNK])
-        self._position = self.inner.position
+            logits = self._prefill_chunk(ids[i:i + PREFILL_CHUNK])
+        return logits
+
+    def _prefill_chunk(self, ids: list[int]) -> torch.Tensor:
+        if len(ids) == 1:  # one token: the decode graph (a one-token prefill would be a second compile)
+            return self.decode(ids[0])
+        b = self.inner
+        b._position = self._position
+        if self._prefill_fn is None:
+            logits = b.prefill(ids)
+            self._position = b.position
+            return logits
+        ids = b._check(ids)
+        start = self._position
+        x = torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True)
+        pos = torch.tensor(start, dtype=torch.long).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            try:
+                logits = self._prefill_fn(x, pos, b._ple_rows(ids), start + len(ids))
+            except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
+                warnings.warn(f"torch.compile of the prefill failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); prefilling eagerly", stacklevel=3)
+                self._prefill_fn = None
+                logits = b.prefill(ids)
+        self._position = start + len(ids)
         return logits
 
     def _set_ple(self, token: int) -> None:

@@ -7,7 +7,8 @@ fp16 is not exact). That layout already streams well: each 32-weight block is 16
 loads one block with one 16-byte load, and a warp covers contiguous rows.
 
 - `q4_gemv_partials(x, q4, scale, split, variant)`: one token (decode): fp32 partial sums of W @ x over `split` K
-  slices (the caller's next kernel adds them). A CUDA C++ kernel (`q4_gemv_cuda.cu`, built on first use with nvcc)
+  slices (the caller's next kernel adds them), or with the `GEMV_REDUCE` flag in `variant` (CUDA kernel) their sum
+  [1, N], added in the kernel's own epilogue. A CUDA C++ kernel (`q4_gemv_cuda.cu`, built on first use with nvcc)
   where it builds, else Triton (autotuned per shape); both read each weight byte once with exact products and fp32
   accumulation. `variant` picks one of the CUDA kernel's shapes (GEMV_VARIANTS); the tensor-core ones read the
   weights in the "frag" layout (`to_frag_layout`, a load-time permutation of the same bytes). `q4_gemv` is the
@@ -84,6 +85,19 @@ def cuda_ext():
 GEMV_VARIANTS = {0: "cuda r2u2", 1: "cuda r1u2", 2: "cuda r1u4", 3: "cuda r2u1", 4: "cuda r2u3", 5: "cuda r2u4",
                  6: "cuda r4u1", 7: "cuda r4u2", 8: "read-only r2u2", 16: "mma u1", 17: "mma u2", 18: "mma u4"}
 FRAG_VARIANTS = (16, 17, 18)
+# Flag OR-ed into a CUDA variant: the kernel adds its K slices itself (the last CTA of each row tile, in slice order)
+# and returns [1, N] instead of [split, N]: no separate reduction kernel (q4_gemv_cuda.cu `reduce_split`).
+GEMV_REDUCE = 32
+
+
+def set_pdl(on: bool) -> bool:
+    """Launch the CUDA GEMVs with programmatic dependent launch (Hopper and later: a GEMV starts, and prefetches its
+    weights, while the previous kernel drains). Returns whether it is on (False without the extension or sm_90)."""
+    ext = cuda_ext()
+    on = bool(on and ext is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
+    if ext is not None:
+        ext.set_pdl(on)
+    return on
 
 
 def frag_ok(n: int, k: int) -> bool:
@@ -140,7 +154,7 @@ def q4_rows(q4: Tensor, scale: Tensor, ids: Tensor, dtype: torch.dtype, frag: bo
 
 def split_ok(k: int, split: int, variant: int = 0) -> bool:
     """Whether `split` K slices leave none empty (slices are of 32-blocks, or of 4-block chunks for frag)."""
-    units = k // BLOCK // (4 if variant in FRAG_VARIANTS else 1)
+    units = k // BLOCK // (4 if (variant & ~GEMV_REDUCE) in FRAG_VARIANTS else 1)
     return 1 <= split <= units and -(-units // -(-units // split)) == split
 
 
@@ -254,8 +268,9 @@ def q4_gemv_partials(x: Tensor, q4: Tensor, scale: Tensor, split: int | None = N
     """GEMV for one token: fp32 partial sums [split, N] over `split` K slices (sum(0) is x @ W.T).
 
     `impl`: "cuda" (the CUDA C++ kernel), "triton", or "auto" (CUDA where it builds, else Triton). `variant`: one
-    of GEMV_VARIANTS (CUDA only; the FRAG_VARIANTS read `to_frag_layout` weights). Leaving the final sum to the
-    caller lets torch.compile fuse it (and the cast) into the next kernel."""
+    of GEMV_VARIANTS (CUDA only; the FRAG_VARIANTS read `to_frag_layout` weights), optionally | GEMV_REDUCE (then
+    [1, N]: the sum). Leaving the final sum to the caller lets torch.compile fuse it (and the cast) into the next
+    kernel; reducing in the kernel saves that kernel where inductor would not fuse it."""
     n, k = _check(q4, scale)
     if x.shape[-1] != k or x.numel() != k:
         raise ValueError(f"q4_gemv: x {tuple(x.shape)} is not one token of width {k}")
@@ -266,6 +281,8 @@ def q4_gemv_partials(x: Tensor, q4: Tensor, scale: Tensor, split: int | None = N
     kg_split = -(-kg // split)
     if impl != "triton" and q4.is_cuda and cuda_ext() is not None:
         return cuda_ext().q4_gemv_partials(x, q4, scale, split, variant)
+    if variant == GEMV_REDUCE:  # the Triton kernel's partials, summed here
+        return q4_gemv_partials(x, q4, scale, split, autotune, impl).sum(0, keepdim=True)
     if impl == "cuda" or variant:
         raise RuntimeError(f"the CUDA GEMV is unavailable: {_CUDA['error'] or 'tensors are not on CUDA'}")
     xc = x.contiguous()
@@ -336,16 +353,18 @@ def _(x: Tensor, q4: Tensor, scale: Tensor) -> Tensor:
 
 @torch.library.custom_op("gemma4::q4_gemv_partials", mutates_args=())
 def _op_q4_gemv_partials(x: Tensor, q4: Tensor, scale: Tensor, split: int, variant: int) -> Tensor:
-    if (q4.is_cuda and variant) or (triton_usable(q4) and not variant):
+    base = variant & ~GEMV_REDUCE
+    if (q4.is_cuda and base) or (triton_usable(q4) and not base):
         return q4_gemv_partials(x, q4, scale, split, autotune=q4.is_cuda, variant=variant)
-    if variant in FRAG_VARIANTS:  # the stock fallback computes the same function from the frag layout
+    if base in FRAG_VARIANTS:  # the stock fallback computes the same function from the frag layout
         q4, scale = from_frag_layout(q4, scale)
-    return q4_gemv_ref(x.float(), q4, scale).view(1, -1).expand(split, -1) / split
+    rows = 1 if variant & GEMV_REDUCE else split
+    return q4_gemv_ref(x.float(), q4, scale).view(1, -1).expand(rows, -1) / rows
 
 
 @_op_q4_gemv_partials.register_fake
 def _(x: Tensor, q4: Tensor, scale: Tensor, split: int, variant: int) -> Tensor:
-    return x.new_empty(split, q4.shape[0], dtype=torch.float32)
+    return x.new_empty(1 if variant & GEMV_REDUCE else split, q4.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("gemma4::q4_dequant", mutates_args=())

@@ -4,6 +4,13 @@
 //
 // out[split, N] = fp32 partial sums of x . W[n] over `split` K slices (their sum is the product; the caller's
 // next kernel adds them). Exact products and fp32 accumulation, like the stock dequantize + matmul in fp32.
+// With the REDUCE flag (variant | 32) the kernel adds them itself: out[1, N], the last CTA of each row tile summing
+// the slices in order (a self-resetting counter per tile), so no separate reduction kernel runs.
+//
+// Launch overlap (Hopper): kernels are launched with programmatic stream serialization when `set_pdl(true)`. A GEMV
+// then starts while the kernel before it drains: it prefetches its first weights into L2 (weights never depend on
+// the previous kernel), waits (griddepcontrol.wait) before touching x, the counters or its output, and lets the next
+// kernel launch once its main loop is done.
 //
 // Why it is shaped this way (H100/H200, batch 1, memory-bound): each lane owns one 32-block per step and loads it
 // with one 16-byte load; a warp owns ROWS rows, so x is loaded and widened once per block for ROWS rows; every
@@ -24,6 +31,40 @@ constexpr int WARPS = 4;   // warps per CTA
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and when the kernel was launched without the attribute).
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// The split-K epilogue. Without counters, out already holds this CTA's partial sums ([split, N]). With counters, the
+// partials went to `part` and the last CTA (of gridDim.y) of row tile blockIdx.x adds them in slice order into
+// out[row] for rows [row_begin, row_end) and resets the tile's counter for the next launch.
+__device__ __forceinline__ void reduce_split(const float* part, float* out, int* counters, int n, int row_begin,
+                                             int row_end) {
+  if (counters == nullptr) return;
+  __shared__ int last;
+  __threadfence();  // this CTA's partials are visible before its count is
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == static_cast<int>(gridDim.y) - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int row = row_begin + threadIdx.x; row < row_end; row += blockDim.x) {
+    float v = 0.f;
+    for (int y = 0; y < static_cast<int>(gridDim.y); ++y) v += __ldcg(part + static_cast<size_t>(y) * n + row);
+    out[row] = v;
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+}
 
 // 32 activations of one block, widened to fp32.
 __device__ __forceinline__ void load_x(const __nv_bfloat16* x, float* xf) {
@@ -88,13 +129,14 @@ __device__ __forceinline__ float block_dot(const uint4 wv, const float* xf) {
 // READ_ONLY (benchmarks only): stream the same bytes with no arithmetic, to separate the memory side from the ALU.
 template <typename XT, typename ST, int ROWS, int UNROLL, bool READ_ONLY>
 __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const XT* __restrict__ x, const uint8_t* __restrict__ w,
-                                                            const ST* __restrict__ s, float* __restrict__ out,
+                                                            const ST* __restrict__ s, float* __restrict__ part,
+                                                            float* __restrict__ out, int* __restrict__ counters,
                                                             int n, int kg, int kg_split) {
   const int lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * WARPS + (threadIdx.x >> 5)) * ROWS;
-  if (row0 >= n) return;
+  const bool active = row0 < n;  // no early return: the split epilogue synchronises the CTA
   const int g_begin = blockIdx.y * kg_split;
-  const int g_end = min(g_begin + kg_split, kg);
+  const int g_end = active ? min(g_begin + kg_split, kg) : g_begin;
   const uint4* wr[ROWS];
   const ST* sr[ROWS];
 #pragma unroll
@@ -102,7 +144,10 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const XT* __restric
     const int row = min(row0 + r, n - 1);  // a missing last row re-reads the one before; never stored
     wr[r] = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * kg * 16);
     sr[r] = s + static_cast<size_t>(row) * kg;
+    for (int u = 0; u < UNROLL; ++u)
+      if (g_begin + lane + 32 * u < g_end) prefetch_l2(wr[r] + g_begin + lane + 32 * u);
   }
+  wait_for_previous_kernel();
   float acc[ROWS] = {};
   uint32_t bits = 0;
   for (int g = g_begin + lane; g < g_end; g += 32 * UNROLL) {
@@ -135,14 +180,17 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const XT* __restric
       }
     }
   }
+  allow_next_kernel();
   if constexpr (READ_ONLY) acc[0] = __uint_as_float(bits & 0x3F000000u);  // keeps the loads; a tiny positive number
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     float v = acc[r];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-    if (lane == 0 && row0 + r < n) out[static_cast<size_t>(blockIdx.y) * n + row0 + r] = v;
+    if (lane == 0 && row0 + r < n) part[static_cast<size_t>(blockIdx.y) * n + row0 + r] = v;
   }
+  const int tile = blockIdx.x * WARPS * ROWS;
+  reduce_split(part, out, counters, n, tile, min(tile + WARPS * ROWS, n));
 }
 
 // ---- tensor-core variant: bf16 x, the "frag" layout (kernels.py `to_frag_layout`) ----
@@ -184,24 +232,31 @@ __device__ __forceinline__ void load_scales(const float* p, float* f) {
 template <typename ST, int UNROLL>
 __global__ void __launch_bounds__(WARPS * 32) q4_gemv_mma_kernel(const __nv_bfloat16* __restrict__ x,
                                                                  const uint4* __restrict__ w,
-                                                                 const ST* __restrict__ s, float* __restrict__ out,
+                                                                 const ST* __restrict__ s, float* __restrict__ part,
+                                                                 float* __restrict__ out, int* __restrict__ counters,
                                                                  int n, int nc, int nc_split) {
-  // The CTA's K slice of x goes to shared memory first: the main loop then waits on one global load per chunk
-  // (the weights) instead of a weight load followed by a dependent x load.
   extern __shared__ uint4 xs[];  // [chunks of this slice][block j][lane t]: 16 bytes = x[8t .. 8t + 7] of a block
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int grp = blockIdx.x * WARPS + (threadIdx.x >> 5);  // 16-row group
+  const bool active = grp * 16 < n;  // no early return: the CTA synchronises below
   const int c_begin = blockIdx.y * nc_split;
   const int c_end = min(c_begin + nc_split, nc);
+  const uint4* wg = w + static_cast<size_t>(min(grp, n / 16 - 1)) * nc * 64 + lane;  // + (c * 2 + h) * 32
+  const ST* sg = s + static_cast<size_t>(min(grp, n / 16 - 1)) * nc * 64 + g * 4;   // + (c * 2 + h) * 32
+  // Before waiting on the previous kernel: the first two chunks of weights into L2 (they do not depend on it).
+  for (int c = c_begin; c < min(c_begin + 2, c_end); ++c) {
+    prefetch_l2(wg + c * 64);
+    prefetch_l2(wg + c * 64 + 32);
+  }
+  wait_for_previous_kernel();
+  // The CTA's K slice of x goes to shared memory first: the main loop then waits on one global load per chunk
+  // (the weights) instead of a weight load followed by a dependent x load.
   const uint4* xg = reinterpret_cast<const uint4*>(x) + static_cast<size_t>(c_begin) * 16;
   for (int i = threadIdx.x; i < (c_end - c_begin) * 16; i += WARPS * 32) xs[i] = __ldg(xg + i);
   __syncthreads();
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int grp = blockIdx.x * WARPS + (threadIdx.x >> 5);  // 16-row group
-  if (grp * 16 >= n) return;
-  const uint4* wg = w + static_cast<size_t>(grp) * nc * 64 + lane;  // + (c * 2 + h) * 32
-  const ST* sg = s + static_cast<size_t>(grp) * nc * 64 + g * 4;   // + (c * 2 + h) * 32
   const float zero[4] = {0.f, 0.f, 0.f, 0.f};
   float acc0 = 0.f, acc1 = 0.f;
-  for (int c = c_begin; c < c_end; c += UNROLL) {
+  for (int c = c_begin; active && c < c_end; c += UNROLL) {
     uint4 wa[UNROLL], wb[UNROLL];
     float sa[UNROLL][4], sb[UNROLL][4];
 #pragma unroll
@@ -233,10 +288,13 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_mma_kernel(const __nv_bflo
       }
     }
   }
-  if (t == 0) {
-    out[static_cast<size_t>(blockIdx.y) * n + grp * 16 + g] = acc0;
-    out[static_cast<size_t>(blockIdx.y) * n + grp * 16 + g + 8] = acc1;
+  allow_next_kernel();
+  if (t == 0 && active) {
+    part[static_cast<size_t>(blockIdx.y) * n + grp * 16 + g] = acc0;
+    part[static_cast<size_t>(blockIdx.y) * n + grp * 16 + g + 8] = acc1;
   }
+  const int tile = blockIdx.x * WARPS * 16;
+  reduce_split(part, out, counters, n, tile, min(tile + WARPS * 16, n));
 }
 
 // ---- dequantize for prefill: W [N, K] = q * s in OT, one rounding of the exact product (= q4_dequant_ref) ----
@@ -315,34 +373,83 @@ void launch_dequant(const torch::Tensor& q4, const torch::Tensor& scale, torch::
   else q4_dequant_kernel<OT, ST, false><<<blocks, threads, 0, stream>>>(w, sc, o, n, kg);
 }
 
+bool g_pdl = false;  // launch the GEMVs with programmatic stream serialization (set_pdl)
+
+int* tile_counters(int tiles);
+
+// Where a GEMV writes: partial sums [split, N], and with `reduce` their sum [1, N] (else out == part).
+struct Dest {
+  float* part;
+  float* out;
+  bool reduce;
+};
+
+template <typename Kernel, typename... Args>
+void launch_kernel(Kernel kernel, dim3 grid, size_t smem, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(WARPS * 32);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = g_pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
 template <typename XT, typename ST, int ROWS, int UNROLL, bool READ_ONLY = false>
-void launch(const torch::Tensor& x, const torch::Tensor& q4, const torch::Tensor& scale, torch::Tensor& out, int n,
+void launch(const torch::Tensor& x, const torch::Tensor& q4, const torch::Tensor& scale, const Dest& d, int n,
             int kg, int kg_split, int split) {
   const dim3 grid((n + WARPS * ROWS - 1) / (WARPS * ROWS), split);
-  q4_gemv_kernel<XT, ST, ROWS, UNROLL, READ_ONLY><<<grid, WARPS * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const XT*>(x.data_ptr()), q4.data_ptr<uint8_t>(), reinterpret_cast<const ST*>(scale.data_ptr()),
-      out.data_ptr<float>(), n, kg, kg_split);
+  launch_kernel(q4_gemv_kernel<XT, ST, ROWS, UNROLL, READ_ONLY>, grid, 0, reinterpret_cast<const XT*>(x.data_ptr()),
+                static_cast<const uint8_t*>(q4.data_ptr()), reinterpret_cast<const ST*>(scale.data_ptr()), d.part,
+                d.out, d.reduce ? tile_counters(grid.x) : nullptr, n, kg, kg_split);
 }
 
 template <typename ST, int UNROLL>
-void launch_mma(const torch::Tensor& x, const torch::Tensor& q4, const torch::Tensor& scale, torch::Tensor& out,
-                int n, int kg, int split) {
+void launch_mma(const torch::Tensor& x, const torch::Tensor& q4, const torch::Tensor& scale, const Dest& d, int n,
+                int kg, int split) {
   const int nc = kg / 4, nc_split = (nc + split - 1) / split;
   TORCH_CHECK((nc + nc_split - 1) / nc_split == split, "q4_gemv: a K slice would be empty");
   const dim3 grid((n / 16 + WARPS - 1) / WARPS, split);
   const size_t smem = static_cast<size_t>(nc_split) * 256;  // the slice of x, bf16
   TORCH_CHECK(smem <= 48 * 1024, "q4_gemv: K slice too long for the tensor-core variant (use more K splits)");
-  q4_gemv_mma_kernel<ST, UNROLL><<<grid, WARPS * 32, smem, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const uint4*>(q4.data_ptr()),
-      reinterpret_cast<const ST*>(scale.data_ptr()), out.data_ptr<float>(), n, nc, nc_split);
+  launch_kernel(q4_gemv_mma_kernel<ST, UNROLL>, grid, smem, reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()),
+                reinterpret_cast<const uint4*>(q4.data_ptr()), reinterpret_cast<const ST*>(scale.data_ptr()), d.part,
+                d.out, d.reduce ? tile_counters(grid.x) : nullptr, n, nc, nc_split);
+}
+
+// One counter per row tile, per device, zeroed once; each reducing launch leaves its counters at zero again. Kernels
+// on one stream run one after another, so launches share them; allocated outside CUDA-graph capture (the fast path
+// runs every GEMV eagerly before capturing).
+constexpr int MAX_TILES = 1 << 17;
+int* tile_counters(int tiles) {
+  static int* buf[64] = {};
+  TORCH_CHECK(tiles <= MAX_TILES, "q4_gemv: ", tiles, " row tiles exceed the reduction's ", MAX_TILES);
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  TORCH_CHECK(dev < 64, "q4_gemv: device index out of range");
+  if (buf[dev] == nullptr) {
+    cudaStreamCaptureStatus status;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &status));
+    TORCH_CHECK(status == cudaStreamCaptureStatusNone,
+                "q4_gemv: run a reducing GEMV once before CUDA-graph capture (its counters are allocated then)");
+    C10_CUDA_CHECK(cudaMalloc(&buf[dev], MAX_TILES * sizeof(int)));
+    C10_CUDA_CHECK(cudaMemset(buf[dev], 0, MAX_TILES * sizeof(int)));
+    C10_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  return buf[dev];
 }
 
 // Kernel variants by id (kernels.py GEMV_VARIANTS mirrors this list): 0 = the default CUDA-core kernel (2 rows per
 // warp, 2 blocks in flight per lane; every x/scale dtype); 1-7 = other rows/unroll shapes (bf16 x, fp16 scales);
 // 8 = read-only probe (benchmarks); 16-18 = tensor cores, frag layout, 1/2/4 chunks in flight (bf16 x).
+// Flag 32 (REDUCE): sum the K slices in the kernel, out [1, N].
 template <typename ST>
 bool launch_variant(int variant, const torch::Tensor& x, const torch::Tensor& q4, const torch::Tensor& scale,
-                    torch::Tensor& out, int n, int kg, int kg_split, int split) {
+                    const Dest& out, int n, int kg, int kg_split, int split) {
   using B = __nv_bfloat16;
   switch (variant) {
     case 1: launch<B, ST, 1, 2>(x, q4, scale, out, n, kg, kg_split, split); return true;
@@ -372,34 +479,39 @@ torch::Tensor q4_gemv_partials(torch::Tensor x, torch::Tensor q4, torch::Tensor 
   TORCH_CHECK(x.numel() == static_cast<int64_t>(kg) * 32, "q4_gemv: x is not one token of width K");
   TORCH_CHECK(split >= 1 && split <= kg, "q4_gemv: split out of range");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(q4.data_ptr()) % 16 == 0, "q4_gemv: q4 must be 16-byte aligned");
+  const bool reduce = variant & 32;
+  variant &= ~int64_t{32};
   auto xc = x.contiguous();
   if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16 != 0) xc = xc.clone();
   const int kg_split = (kg + split - 1) / split;
   TORCH_CHECK((kg + kg_split - 1) / kg_split == split, "q4_gemv: a K slice would be empty");
-  auto out = torch::empty({split, n}, x.options().dtype(torch::kFloat32));
+  auto part = torch::empty({split, n}, x.options().dtype(torch::kFloat32));
+  torch::Tensor out = reduce && split > 1 ? torch::empty({1, n}, x.options().dtype(torch::kFloat32)) : part;
+  const Dest d{part.data_ptr<float>(), out.data_ptr<float>(), reduce && split > 1};
   const bool s16 = scale.dtype() == torch::kFloat16;
   TORCH_CHECK(s16 || scale.dtype() == torch::kFloat32, "q4_gemv: scale must be fp16 or fp32");
   if (variant != 0) {
     TORCH_CHECK(xc.dtype() == torch::kBFloat16, "q4_gemv: kernel variant ", variant, " needs bf16 x");
     if (variant >= 16)
       TORCH_CHECK(n % 16 == 0 && kg % 4 == 0, "q4_gemv: the tensor-core variants need N % 16 == 0 and K % 128 == 0");
-    const bool ok = s16 ? launch_variant<__half>(variant, xc, q4, scale, out, n, kg, kg_split, split)
-                        : launch_variant<float>(variant, xc, q4, scale, out, n, kg, kg_split, split);
+    const bool ok = s16 ? launch_variant<__half>(variant, xc, q4, scale, d, n, kg, kg_split, split)
+                        : launch_variant<float>(variant, xc, q4, scale, d, n, kg, kg_split, split);
     TORCH_CHECK(ok, "q4_gemv: unknown kernel variant ", variant);
   } else if (xc.dtype() == torch::kBFloat16) {
-    s16 ? launch<__nv_bfloat16, __half, 2, 2>(xc, q4, scale, out, n, kg, kg_split, split)
-        : launch<__nv_bfloat16, float, 2, 2>(xc, q4, scale, out, n, kg, kg_split, split);
+    s16 ? launch<__nv_bfloat16, __half, 2, 2>(xc, q4, scale, d, n, kg, kg_split, split)
+        : launch<__nv_bfloat16, float, 2, 2>(xc, q4, scale, d, n, kg, kg_split, split);
   } else if (xc.dtype() == torch::kFloat16) {
-    s16 ? launch<__half, __half, 2, 2>(xc, q4, scale, out, n, kg, kg_split, split)
-        : launch<__half, float, 2, 2>(xc, q4, scale, out, n, kg, kg_split, split);
+    s16 ? launch<__half, __half, 2, 2>(xc, q4, scale, d, n, kg, kg_split, split)
+        : launch<__half, float, 2, 2>(xc, q4, scale, d, n, kg, kg_split, split);
   } else {
     TORCH_CHECK(xc.dtype() == torch::kFloat32, "q4_gemv: x must be bf16, fp16 or fp32");
-    s16 ? launch<float, __half, 2, 2>(xc, q4, scale, out, n, kg, kg_split, split)
-        : launch<float, float, 2, 2>(xc, q4, scale, out, n, kg, kg_split, split);
+    s16 ? launch<float, __half, 2, 2>(xc, q4, scale, d, n, kg, kg_split, split)
+        : launch<float, float, 2, 2>(xc, q4, scale, d, n, kg, kg_split, split);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
+
+void set_pdl(bool on) { g_pdl = on; }
 
 torch::Tensor q4_dequant(torch::Tensor q4, torch::Tensor scale, torch::ScalarType dtype, bool frag) {
   TORCH_CHECK(q4.is_cuda() && scale.is_cuda(), "q4_dequant: tensors must be on CUDA");
@@ -428,8 +540,9 @@ torch::Tensor q4_dequant(torch::Tensor q4, torch::Tensor scale, torch::ScalarTyp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_gemv_partials", &q4_gemv_partials, "one-token q4_0 GEMV: fp32 partial sums [split, N]",
+  m.def("q4_gemv_partials", &q4_gemv_partials, "one-token q4_0 GEMV: fp32 partial sums [split, N] ([1, N] with variant flag 32)",
         py::arg("x"), py::arg("q4"), py::arg("scale"), py::arg("split"), py::arg("variant") = 0);
+  m.def("set_pdl", &set_pdl, "launch the GEMVs with programmatic dependent launch (Hopper+)", py::arg("on"));
   m.def("q4_dequant", &q4_dequant, "q4_0 -> W [N, K] (packed or frag layout)", py::arg("q4"), py::arg("scale"),
         py::arg("dtype"), py::arg("frag") = false);
 }

@@ -1,0 +1,125 @@
+"""Same-process A/B of the fast path's switches on one bundle: decode ms/token, prefill time, kernels per decode
+step and peak memory for each configuration, a short table last.
+
+    PYTHONPATH=src python benchmarks/ab_fast.py BUNDLE [--configs NAME:key=0|1,... ...] [--json OUT]
+
+Keys: pdl (programmatic dependent launch, GEMVs + inductor), reduce (in-kernel split-K sums), cprefill (compiled
+prefill). A config with pdl=1 is also measured with the GEMVs' PDL switched off after the fact ("gemv-pdl-off":
+same compiled code, graphs re-captured), which separates the GEMVs' share from inductor's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from diag_fast import kernel_table  # noqa: E402
+
+from gemma4_coreai import kernels  # noqa: E402
+from gemma4_coreai.bundle import Bundle  # noqa: E402
+from gemma4_coreai.fast import FastCudaBackend  # noqa: E402
+
+KEYS = {"pdl": "pdl", "reduce": "reduce", "cprefill": "compile_prefill"}
+
+
+def parse(spec: str) -> tuple[str, dict[str, bool]]:
+    name, _, kv = spec.partition(":")
+    opts = {}
+    for item in filter(None, kv.split(",")):
+        k, _, v = item.partition("=")
+        opts[KEYS[k]] = v == "1"
+    return name, opts
+
+
+def decode_ms(fb: FastCudaBackend, ids: list[int], steps: int = 200) -> float:
+    times = []
+    for _ in range(3):
+        fb.reset()
+        first = int(fb.prefill(ids).argmax())
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fb.greedy(first, steps)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) / steps * 1e3)
+    return sorted(times)[1]
+
+
+def prefill_ms(fb: FastCudaBackend, ids: list[int]) -> float:
+    fb.reset()
+    fb.prefill(ids)  # warm (compiles on the first call)
+    times = []
+    for _ in range(3):
+        fb.reset()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fb.prefill(ids)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times) * 1e3
+
+
+def measure(fb: FastCudaBackend, ids: list[int], context: int, long: int) -> dict:
+    t0 = time.perf_counter()
+    fb.reset()
+    fb.greedy(int(fb.prefill(ids[:context]).argmax()), 4)
+    first = time.perf_counter() - t0
+    row = {"first_run_s": round(first, 1), "decode_ms": decode_ms(fb, ids[:context])}
+    g = fb._graphs[fb._bucket(fb.position)]
+    _, busy, n, _ = kernel_table(g.replay)
+    row.update(kernels_per_step=n, kernel_ms=round(busy, 3))
+    for plen in (128, long):
+        torch.cuda.reset_peak_memory_stats()
+        row[f"prefill{plen}_ms"] = prefill_ms(fb, ids[:plen])
+        row[f"peak{plen}_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bundle")
+    ap.add_argument("--configs", nargs="+", default=["new:pdl=1,reduce=1,cprefill=1",
+                                                     "base:pdl=0,reduce=0,cprefill=0"])
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--long", type=int, default=4096)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    b = Bundle.open(args.bundle)
+    ids = torch.randint(3, b.config.vocab_size, (max(args.long, args.context),),
+                        generator=torch.Generator().manual_seed(0)).tolist()
+    rows = {}
+    for spec in args.configs:
+        name, opts = parse(spec)
+        fb = FastCudaBackend.from_bundle(b, max_context=min(b.max_context, args.long + 512), **opts)
+        print(f"{name}: {fb.describe()} (tune {fb.tune_s:.1f} s)", flush=True)
+        rows[name] = measure(fb, ids, args.context, args.long)
+        print(f"{name}: {rows[name]}", flush=True)
+        if fb.pdl:
+            kernels.set_pdl(False)
+            fb._graphs.clear()
+            fb._pool = None  # a fresh pool: torch refuses to capture into one whose graphs were all freed
+            rows[name + "/gemv-pdl-off"] = {"decode_ms": decode_ms(fb, ids[:args.context])}
+            print(f"{name}/gemv-pdl-off: {rows[name + '/gemv-pdl-off']}", flush=True)
+        del fb
+        gc.collect()
+        torch.cuda.empty_cache()
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    cols = ["decode_ms", "kernels_per_step", "kernel_ms", "prefill128_ms", f"prefill{args.long}_ms",
+            f"peak{args.long}_gib", "first_run_s"]
+    print("\n| config | " + " | ".join(cols) + " |")
+    print("|" + " --- |" * (len(cols) + 1))
+    for name, r in rows.items():
+        print(f"| {name} | " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
+                                         for c in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
