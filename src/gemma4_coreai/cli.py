@@ -125,8 +125,8 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backend")
     g.add_argument("--backend", default="torch", choices=("torch", "fast", "coreai"),
                    help="torch (stock model on CPU/CUDA, default); fast (CUDA only: int4 GEMV kernels, compiled "
-                        "decode with CUDA graphs, bf16; the first run of a process compiles for 1-3 minutes); or "
-                        "coreai (an .aimodel written by export-coreai, on the Core AI runtime)")
+                        "decode with CUDA graphs, compiled prefill, bf16; the first run of a process compiles for 2-4 "
+                        "minutes); or coreai (an .aimodel written by export-coreai, on the Core AI runtime)")
     g.add_argument("--device", default=None, choices=("cpu", "cuda"),
                    help="torch device (default: cpu; fast: cuda)")
     g.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
@@ -156,8 +156,11 @@ def _backend(args: argparse.Namespace, bundle):
     if args.backend == "coreai":
         return load_backend(bundle, "coreai", export=args.export, ple_mode=args.ple_mode, device=args.device)
     if args.backend == "fast":
-        return load_backend(bundle, "fast", device=args.device, dtype=args.dtype, ple_mode=args.ple_mode,
-                            linear_strategy=args.linear)
+        backend = load_backend(bundle, "fast", device=args.device, dtype=args.dtype, ple_mode=args.ple_mode,
+                               linear_strategy=args.linear)
+        print("gemma4-coreai: the first prefill and the first decode step compile the model (2-4 minutes for E4B; "
+              "torch caches the result for later runs)", file=sys.stderr)
+        return backend
     backend = load_backend(bundle, "torch", device=args.device or "cpu", dtype=args.dtype, ple_mode=args.ple_mode,
                            linear_strategy=args.linear, compile=args.compile)
     if args.compile:
