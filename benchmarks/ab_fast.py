@@ -71,7 +71,7 @@ def measure(fb: FastCudaBackend, ids: list[int], context: int, long: int) -> dic
     fb.greedy(int(fb.prefill(ids[:context]).argmax()), 4)
     first = time.perf_counter() - t0
     row = {"first_run_s": round(first, 1), "decode_ms": decode_ms(fb, ids[:context])}
-    g = fb._graphs[fb._bucket(fb.position)]
+    g = fb._graphs[fb._bucket(fb.position - 1)]  # the graph of the last step taken
     _, busy, n, _ = kernel_table(g.replay)
     row.update(kernels_per_step=n, kernel_ms=round(busy, 3))
     for plen in (128, long):

@@ -4,15 +4,18 @@
 - Load-time layout (`to_frag_layout`): where the CUDA kernel builds, every linear whose shape allows it gets its
   bytes permuted into the tensor-core GEMV's layout (same memory, no copy kept).
 - Linear strategy (`fast_linear`): one token -> the int4 GEMV (`torch.ops.gemma4.q4_gemv_partials`: the CUDA C++
-  kernel, or Triton where nvcc is missing; weights streamed once; fp32 partial sums over K slices, added by
-  whichever fused kernel reads the result), its variant and K split picked per shape by timing the candidates on
-  the model's own weights at load (`tune_gemv`); several tokens (prefill) -> dequantize to bf16 with a Triton
-  kernel, then a tensor-core GEMM (cuBLAS through F.linear).
+  kernel, or Triton where nvcc is missing; weights streamed once; fp32 sums over K slices, added in the kernel's
+  epilogue (`GEMV_REDUCE`) or by whichever fused kernel reads the partials), its variant and K split picked per
+  shape by timing the candidates on the model's own weights at load (`tune_gemv`); several tokens (prefill) ->
+  dequantize to bf16 with a CUDA kernel, then a tensor-core GEMM (cuBLAS through F.linear).
 - Attention strategy (`sdpa_attention`): prefill through one fused SDPA kernel; decode keeps model.py's.
 - Decode step: `torch.compile` (inductor fuses the norms, RoPE, masks and softmax between the GEMVs), then one
   CUDA graph per KV-length bucket, replayed with no host synchronisation inside a step. The graph also takes
   the greedy argmax and advances the device-side token and position, so `greedy(n)` queues n steps and
-  synchronises once.
+  synchronises once. On Hopper every kernel of the step launches with programmatic dependent launch (the GEMVs
+  through `set_pdl`, inductor's through `inductor_options`), so each starts while the previous one drains.
+- Prefill: `torch.compile` as well, one graph for every prompt length (dynamic shapes), in chunks of
+  PREFILL_CHUNK tokens.
 - Token embedding (`embed_from_head`): where the int4 output head is a lossless copy of the 16-bit embedding (QAT
   checkpoints), rows are gathered from the head and the 16-bit table is freed (E4B: 1.34 GB).
 - PLE in tbl mode: the int8 table is a resident buffer gathered in the graph (provider mode copies the host
@@ -42,6 +45,7 @@ from .errors import Gemma4Error
 from .kernels import (
     FRAG_VARIANTS,
     GEMV_REDUCE,
+    MMA_SMEM_LIMIT,
     cuda_ext,
     frag_ok,
     gemv_split,
@@ -65,7 +69,8 @@ def fast_linear(m: Q4Linear, x: torch.Tensor) -> torch.Tensor:
         variant, split = getattr(m, "gemv", None) or default_gemv(m.out_features, m.in_features, _layout(m))
         # fp32 partial sums over K slices; the sum and the cast fuse into whatever kernel reads the result
         part = torch.ops.gemma4.q4_gemv_partials(x, m.q4, m.scale, split, variant)
-        return part.sum(0).to(x.dtype).view(*x.shape[:-1], m.out_features)
+        y = part[0] if part.shape[0] == 1 else part.sum(0)  # [1, N] when the kernel added its slices itself
+        return y.to(x.dtype).view(*x.shape[:-1], m.out_features)
     w = torch.ops.gemma4.q4_dequant(m.q4, m.scale, x.dtype, _layout(m) == "frag")  # prefill: tensor-core GEMM
     return F.linear(x, w)
 
@@ -176,7 +181,7 @@ def gemv_candidates(n: int, k: int, layout: str, x_dtype: torch.dtype) -> list[t
     """(variant, split) pairs worth timing for one weight shape and layout."""
     if layout == "frag":
         return [(v, sp) for v in FRAG_VARIANTS for sp in FRAG_SPLITS
-                if split_ok(k, sp, v) and -(-k // 128 // sp) * 256 <= 48 * 1024]
+                if split_ok(k, sp, v) and -(-k // 128 // sp) * 256 <= MMA_SMEM_LIMIT]
     if cuda_ext() is None:  # Triton: it autotunes its own tiles; keep the split heuristic
         return [(0, gemv_split(n, k))]
     variants = (0, 1, 3, 4, 5, 7) if x_dtype == torch.bfloat16 else (0,)
@@ -499,6 +504,8 @@ class FastCudaBackend:
         with torch.inference_mode():
             try:
                 logits = self._prefill_fn(x, pos, b._ple_rows(ids), start + len(ids))
+            except torch.OutOfMemoryError:
+                raise
             except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
                 warnings.warn(f"torch.compile of the prefill failed ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); prefilling eagerly", stacklevel=3)

@@ -90,14 +90,18 @@ FRAG_VARIANTS = (16, 17, 18)
 GEMV_REDUCE = 32
 
 
+# Dynamic shared memory the tensor-core GEMV may use for its K slice of x (q4_gemv_cuda.cu MMA_SMEM_LIMIT).
+MMA_SMEM_LIMIT = 48 * 1024 - 128
+
+
 def set_pdl(on: bool) -> bool:
     """Launch the CUDA GEMVs with programmatic dependent launch (Hopper and later: a GEMV starts, and prefetches its
-    weights, while the previous kernel drains). Returns whether it is on (False without the extension or sm_90)."""
+    weights, while the previous kernel drains). Returns whether it is on: False without the extension, on a GPU
+    before sm_90, or where the extension was built without sm_90 code. Process-wide, like the tile counters of the
+    in-kernel reduction, which are per device: reducing GEMVs must not run concurrently on two streams."""
     ext = cuda_ext()
     on = bool(on and ext is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
-    if ext is not None:
-        ext.set_pdl(on)
-    return on
+    return bool(ext.set_pdl(on)) if ext is not None else False
 
 
 def frag_ok(n: int, k: int) -> bool:
@@ -281,10 +285,10 @@ def q4_gemv_partials(x: Tensor, q4: Tensor, scale: Tensor, split: int | None = N
     kg_split = -(-kg // split)
     if impl != "triton" and q4.is_cuda and cuda_ext() is not None:
         return cuda_ext().q4_gemv_partials(x, q4, scale, split, variant)
+    if impl == "cuda" or variant & ~GEMV_REDUCE:
+        raise RuntimeError(f"the CUDA GEMV is unavailable: {_CUDA['error'] or 'tensors are not on CUDA'}")
     if variant == GEMV_REDUCE:  # the Triton kernel's partials, summed here
         return q4_gemv_partials(x, q4, scale, split, autotune, impl).sum(0, keepdim=True)
-    if impl == "cuda" or variant:
-        raise RuntimeError(f"the CUDA GEMV is unavailable: {_CUDA['error'] or 'tensors are not on CUDA'}")
     xc = x.contiguous()
     out = torch.empty(split, n, dtype=torch.float32, device=x.device)
     if autotune:

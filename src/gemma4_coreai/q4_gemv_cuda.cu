@@ -7,10 +7,12 @@
 // With the REDUCE flag (variant | 32) the kernel adds them itself: out[1, N], the last CTA of each row tile summing
 // the slices in order (a self-resetting counter per tile), so no separate reduction kernel runs.
 //
-// Launch overlap (Hopper): kernels are launched with programmatic stream serialization when `set_pdl(true)`. A GEMV
-// then starts while the kernel before it drains: it prefetches its first weights into L2 (weights never depend on
-// the previous kernel), waits (griddepcontrol.wait) before touching x, the counters or its output, and lets the next
-// kernel launch once its main loop is done.
+// Launch overlap (Hopper): kernels are launched with programmatic stream serialization when `set_pdl(true)` (only
+// where this build has the sm_90 code). A GEMV then starts while the kernel before it drains: it prefetches its first
+// weights into L2 (weights never depend on the previous kernel), waits (griddepcontrol.wait) before touching x, the
+// counters or its output, and lets the next kernel launch once its main loop is done (when reducing, at its exit:
+// the last CTA still reads the workspace). The tile counters are per device: reducing GEMVs must not run
+// concurrently on two streams.
 //
 // Why it is shaped this way (H100/H200, batch 1, memory-bound): each lane owns one 32-block per step and loads it
 // with one 16-byte load; a warp owns ROWS rows, so x is loaded and widened once per block for ROWS rows; every
@@ -19,6 +21,7 @@
 // 2^23 + 8 leaves q exactly.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/extension.h>
@@ -28,6 +31,9 @@
 namespace {
 
 constexpr int WARPS = 4;   // warps per CTA
+// dynamic shared memory of the tensor-core kernel (its x slice), leaving room for the static `last` flag under the
+// default 48 KB (kernels.py MMA_SMEM_LIMIT mirrors this)
+constexpr size_t MMA_SMEM_LIMIT = 48 * 1024 - 128;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -52,12 +58,14 @@ __device__ __forceinline__ void reduce_split(const float* part, float* out, int*
                                              int row_end) {
   if (counters == nullptr) return;
   __shared__ int last;
-  __threadfence();  // this CTA's partials are visible before its count is
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == static_cast<int>(gridDim.y) - 1;
+  __syncthreads();  // the CTA's partial stores, ordered before thread 0's fence (fences are cumulative)
+  if (threadIdx.x == 0) {
+    __threadfence();  // release: the partials reach the device before the count does
+    last = atomicAdd(counters + blockIdx.x, 1) == static_cast<int>(gridDim.y) - 1;
+    if (last) __threadfence();  // acquire: the other CTAs' partials are read after their counts
+  }
   __syncthreads();
   if (!last) return;
-  __threadfence();
   for (int row = row_begin + threadIdx.x; row < row_end; row += blockDim.x) {
     float v = 0.f;
     for (int y = 0; y < static_cast<int>(gridDim.y); ++y) v += __ldcg(part + static_cast<size_t>(y) * n + row);
@@ -66,12 +74,13 @@ __device__ __forceinline__ void reduce_split(const float* part, float* out, int*
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
 
-// 32 activations of one block, widened to fp32.
+// 32 activations of one block, widened to fp32. Plain L1-cached loads, not the read-only (__ldg) path: under PDL
+// the kernel that writes x may still have been running when this one started.
 __device__ __forceinline__ void load_x(const __nv_bfloat16* x, float* xf) {
   const uint4* p = reinterpret_cast<const uint4*>(x);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint4 v = __ldg(p + i);
+    const uint4 v = __ldca(p + i);
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -85,7 +94,7 @@ __device__ __forceinline__ void load_x(const __half* x, float* xf) {
   const uint4* p = reinterpret_cast<const uint4*>(x);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint4 v = __ldg(p + i);
+    const uint4 v = __ldca(p + i);
     const __half2* h = reinterpret_cast<const __half2*>(&v);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -100,7 +109,7 @@ __device__ __forceinline__ void load_x(const float* x, float* xf) {
   const float4* p = reinterpret_cast<const float4*>(x);
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const float4 v = __ldg(p + i);
+    const float4 v = __ldca(p + i);
     xf[4 * i] = v.x;
     xf[4 * i + 1] = v.y;
     xf[4 * i + 2] = v.z;
@@ -180,7 +189,7 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_kernel(const XT* __restric
       }
     }
   }
-  allow_next_kernel();
+  if (counters == nullptr) allow_next_kernel();  // reducing: the last CTA still reads `part`, which torch may reuse
   if constexpr (READ_ONLY) acc[0] = __uint_as_float(bits & 0x3F000000u);  // keeps the loads; a tiny positive number
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
@@ -252,7 +261,7 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_mma_kernel(const __nv_bflo
   // The CTA's K slice of x goes to shared memory first: the main loop then waits on one global load per chunk
   // (the weights) instead of a weight load followed by a dependent x load.
   const uint4* xg = reinterpret_cast<const uint4*>(x) + static_cast<size_t>(c_begin) * 16;
-  for (int i = threadIdx.x; i < (c_end - c_begin) * 16; i += WARPS * 32) xs[i] = __ldg(xg + i);
+  for (int i = threadIdx.x; i < (c_end - c_begin) * 16; i += WARPS * 32) xs[i] = __ldca(xg + i);
   __syncthreads();
   const float zero[4] = {0.f, 0.f, 0.f, 0.f};
   float acc0 = 0.f, acc1 = 0.f;
@@ -288,7 +297,7 @@ __global__ void __launch_bounds__(WARPS * 32) q4_gemv_mma_kernel(const __nv_bflo
       }
     }
   }
-  allow_next_kernel();
+  if (counters == nullptr) allow_next_kernel();  // reducing: the last CTA still reads `part`, which torch may reuse
   if (t == 0 && active) {
     part[static_cast<size_t>(blockIdx.y) * n + grp * 16 + g] = acc0;
     part[static_cast<size_t>(blockIdx.y) * n + grp * 16 + g + 8] = acc1;
@@ -415,7 +424,7 @@ void launch_mma(const torch::Tensor& x, const torch::Tensor& q4, const torch::Te
   TORCH_CHECK((nc + nc_split - 1) / nc_split == split, "q4_gemv: a K slice would be empty");
   const dim3 grid((n / 16 + WARPS - 1) / WARPS, split);
   const size_t smem = static_cast<size_t>(nc_split) * 256;  // the slice of x, bf16
-  TORCH_CHECK(smem <= 48 * 1024, "q4_gemv: K slice too long for the tensor-core variant (use more K splits)");
+  TORCH_CHECK(smem <= MMA_SMEM_LIMIT, "q4_gemv: K slice too long for the tensor-core variant (use more K splits)");
   launch_kernel(q4_gemv_mma_kernel<ST, UNROLL>, grid, smem, reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()),
                 reinterpret_cast<const uint4*>(q4.data_ptr()), reinterpret_cast<const ST*>(scale.data_ptr()), d.part,
                 d.out, d.reduce ? tile_counters(grid.x) : nullptr, n, nc, nc_split);
@@ -472,6 +481,7 @@ bool launch_variant(int variant, const torch::Tensor& x, const torch::Tensor& q4
 torch::Tensor q4_gemv_partials(torch::Tensor x, torch::Tensor q4, torch::Tensor scale, int64_t split,
                                int64_t variant) {
   TORCH_CHECK(x.is_cuda() && q4.is_cuda() && scale.is_cuda(), "q4_gemv: tensors must be on CUDA");
+  const c10::cuda::CUDAGuard guard(q4.device());
   TORCH_CHECK(q4.dtype() == torch::kUInt8 && q4.dim() == 2 && q4.is_contiguous(), "q4_gemv: q4 must be uint8 [N, K/2]");
   const int n = q4.size(0), kg = q4.size(1) / 16;
   TORCH_CHECK(q4.size(1) % 16 == 0 && scale.dim() == 2 && scale.size(0) == n && scale.size(1) == kg &&
@@ -511,10 +521,19 @@ torch::Tensor q4_gemv_partials(torch::Tensor x, torch::Tensor q4, torch::Tensor 
   return out;
 }
 
-void set_pdl(bool on) { g_pdl = on; }
+// PDL needs the kernels' griddepcontrol.wait, compiled only into sm_90+ code: refuse where this build lacks it.
+bool set_pdl(bool on) {
+  g_pdl = false;
+  if (!on) return false;
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, q4_gemv_mma_kernel<__half, 1>));
+  g_pdl = attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
+  return g_pdl;
+}
 
 torch::Tensor q4_dequant(torch::Tensor q4, torch::Tensor scale, torch::ScalarType dtype, bool frag) {
   TORCH_CHECK(q4.is_cuda() && scale.is_cuda(), "q4_dequant: tensors must be on CUDA");
+  const c10::cuda::CUDAGuard guard(q4.device());
   TORCH_CHECK(q4.dtype() == torch::kUInt8 && q4.dim() == 2 && q4.is_contiguous() && q4.size(1) % 16 == 0,
               "q4_dequant: q4 must be contiguous uint8 [N, K/2]");
   const int n = q4.size(0), kg = q4.size(1) / 16;
@@ -542,7 +561,8 @@ torch::Tensor q4_dequant(torch::Tensor q4, torch::Tensor scale, torch::ScalarTyp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_gemv_partials", &q4_gemv_partials, "one-token q4_0 GEMV: fp32 partial sums [split, N] ([1, N] with variant flag 32)",
         py::arg("x"), py::arg("q4"), py::arg("scale"), py::arg("split"), py::arg("variant") = 0);
-  m.def("set_pdl", &set_pdl, "launch the GEMVs with programmatic dependent launch (Hopper+)", py::arg("on"));
+  m.def("set_pdl", &set_pdl, "launch the GEMVs with programmatic dependent launch (sm_90 builds); returns whether it is on",
+        py::arg("on"));
   m.def("q4_dequant", &q4_dequant, "q4_0 -> W [N, K] (packed or frag layout)", py::arg("q4"), py::arg("scale"),
         py::arg("dtype"), py::arg("frag") = false);
 }
