@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from diag_fast import kernel_table  # noqa: E402
+from diag_fast import kernel_table, prefill_ms  # noqa: E402
 
 from gemma4_coreai import kernels  # noqa: E402
 from gemma4_coreai.bundle import Bundle  # noqa: E402
@@ -49,20 +49,6 @@ def decode_ms(fb: FastCudaBackend, ids: list[int], steps: int = 200) -> float:
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t) / steps * 1e3)
     return sorted(times)[1]
-
-
-def prefill_ms(fb: FastCudaBackend, ids: list[int]) -> float:
-    fb.reset()
-    fb.prefill(ids)  # warm (compiles on the first call)
-    times = []
-    for _ in range(3):
-        fb.reset()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fb.prefill(ids)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return min(times) * 1e3
 
 
 def measure(fb: FastCudaBackend, ids: list[int], context: int, long: int) -> dict:

@@ -8,8 +8,9 @@
 # Environment: PYTHON (default python3); LLAMA_CPP_PYTHON_VERSION (default 0.3.36); LLAMA_SRC = an already
 # unpacked (or .tar.gz of the) sdist's vendor/llama.cpp, for machines without network; otherwise the script runs
 # `pip download --no-binary :all: llama-cpp-python==VERSION` and unpacks vendor/llama.cpp itself.
-# STAGES (default "fetch build synth gguf ours llama hf report") selects stages; OURS_PROMPTS (default
-# "128 512 4096") the prompt lengths of our bench. LLAMA_BUILD_TAR: a .tar.gz of an earlier run's
+# STAGES (default "fetch build synth gguf ours llama hf report"; add "ab" for benchmarks/ab_fast.py) selects
+# stages; OURS_PROMPTS (default "128 512 4096") the prompt lengths of our bench. LLAMA_BUILD_TAR: a .tar.gz of an
+# earlier run's
 # llama-build/bin (or a glob of its split pieces, quoted) to unpack instead of building (~5 min saved).
 set -uo pipefail
 W=${1:-/tmp/g4bench}
@@ -91,6 +92,10 @@ hf() {
   "$PY" "$REPO/benchmarks/hf_peer.py" "$W/ckpt" --prompt-len 128 4096 --gen-len 16 --repeats 2 --json "$W/hf.json"
 }
 
+ab() {  # same-process A/B of the fast path's switches (optional stage: STAGES="... ab")
+  "$PY" "$REPO/benchmarks/ab_fast.py" "$W/bundle" --json "$W/ab.json" 2>&1 | grep -v "warn\|softmax\|^ *$" | tail -12
+}
+
 report() {
   "$PY" "$REPO/benchmarks/compare.py" --ours "$W/ours.json" --llama "$W/llama.json" --hf "$W/hf.json" \
     --md "$W/compare.md"
@@ -118,5 +123,6 @@ want ours && { stage ours; ours "" || echo "ours FAILED"; }
 want llama && { stage llama-bench; llama || echo "llama FAILED"; }
 want hf && { stage hf; hf || echo "hf FAILED"; }
 want report && { stage report; report || echo "report FAILED"; }
+want ab && { stage ab; ab || echo "ab FAILED"; }
 stage done
 touch "$W/DONE"
