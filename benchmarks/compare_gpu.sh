@@ -10,8 +10,8 @@
 # `pip download --no-binary :all: llama-cpp-python==VERSION` and unpacks vendor/llama.cpp itself.
 # STAGES (default "fetch build synth gguf ours llama hf report"; add "ab" for benchmarks/ab_fast.py) selects
 # stages; OURS_PROMPTS (default "128 512 4096") the prompt lengths of our bench. LLAMA_BUILD_TAR: a .tar.gz of an
-# earlier run's
-# llama-build/bin (or a glob of its split pieces, quoted) to unpack instead of building (~5 min saved).
+# earlier run's llama-build/bin (or a glob of its split pieces, quoted) to unpack instead of building (~5 min
+# saved).
 set -uo pipefail
 W=${1:-/tmp/g4bench}
 mkdir -p "$W"
