@@ -38,7 +38,8 @@ def main() -> int:
     lines = [f"card: {ours['device'].get('name')}  date: {ours['date']}  engine: {ours['engine']}",
              f"copy bandwidth {ours['copy_bandwidth_Bps'] / 1e9:.0f} GB/s; peak device memory "
              f"{ours['memory'].get('peak_device_allocated_bytes', 0) / 2**30:.2f} GiB allocated "
-             f"({ours['memory'].get('peak_device_reserved_bytes', 0) / 2**30:.2f} GiB reserved)", "",
+             f"({ours['memory'].get('peak_device_reserved_bytes', 0) / 2**30:.2f} GiB reserved; measured runs "
+             f"alone {ours['memory'].get('peak_device_runs_allocated_bytes', 0) / 2**30:.2f} GiB)", "",
              "| metric | gemma4-coreai | llama.cpp Q4_0 | HF bf16 | ours / llama.cpp | ours / HF |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
 

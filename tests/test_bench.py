@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from gemma4_coreai import bench as B
 from gemma4_coreai.config import preset
@@ -39,6 +40,37 @@ def test_bench_record_cpu(tiny_bundle, tmp_path):
         assert r["floor_ms_per_token"] > 0 and 0 < r["fraction_of_floor"]
         assert r["decode_ms_per_token"] == pytest.approx(1e3 / r["decode_tps"]["median"])
     assert "decode tok/s" in B.format_table(rec)
+
+
+def test_device_peak_windows(tiny_bundle, monkeypatch):
+    """The device-memory fields without a GPU (torch.cuda's peak counters replaced by a fake): the whole-process
+    peak covers loading and warm-up, the runs' peak only the windows opened after each warm-up, and the table
+    prints all three."""
+    fake = {"alloc": 0, "res": 0, "now": 0}
+
+    def grow(n):  # allocate up to n bytes: the peak follows
+        fake["now"] = n
+        fake["alloc"], fake["res"] = max(fake["alloc"], n), max(fake["res"], n + 1)
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev=None: fake["alloc"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda dev=None: fake["res"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda dev=None: fake.update(alloc=fake["now"], res=fake["now"] + 1))
+    dev, peaks = torch.device("cuda"), {}
+    grow(700)  # loading, with a transient
+    grow(500)
+    B._device_peak(dev, peaks, "load")
+    grow(900)  # warm-up (compile)
+    grow(500)
+    B._device_peak(dev, peaks, "all", reset=True)
+    grow(600)  # the measured runs
+    B._device_peak(dev, peaks, "runs")
+    assert peaks == {"load": 700, "all": 900, "runs": 600, "reserved": 901}
+    rec = B.bench(tiny_bundle, device="cpu", prompt_lens=[8], gen_len=2, repeats=1, warmup=0)
+    gib = 1 << 30
+    rec["memory"].update(peak_device_allocated_bytes=9 * gib, peak_device_load_allocated_bytes=7 * gib,
+                         peak_device_runs_allocated_bytes=6 * gib, peak_device_reserved_bytes=10 * gib)
+    assert "peak device 9.00 GiB allocated (after loading 7.00, measured runs 6.00)" in B.format_table(rec)
 
 
 def test_bench_cli(tiny_bundle, tmp_path, capsys):

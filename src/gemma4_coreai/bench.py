@@ -75,6 +75,17 @@ def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
+def _device_peak(dev: torch.device, peaks: dict[str, int], key: str, reset: bool = False) -> None:
+    """Fold the CUDA peaks since the last reset into peaks[key] (allocated) and peaks["reserved"]; `reset` starts
+    a new window. Nothing off CUDA."""
+    if dev.type != "cuda":
+        return
+    peaks[key] = max(peaks.get(key, 0), int(torch.cuda.max_memory_allocated(dev)))
+    peaks["reserved"] = max(peaks.get("reserved", 0), int(torch.cuda.max_memory_reserved(dev)))
+    if reset:
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
 def peak_rss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
@@ -167,6 +178,11 @@ def bench(bundle_path: str | Path, *, device: str = "cpu", prompt_lens: list[int
     _sync(dev)
     load_s = time.perf_counter() - t_load
 
+    # Device memory: the whole process's peak (load, compile and warm-up included), the peak once loaded, and the
+    # peak of the measured runs alone (counters reset after each length's warm-up: what serving at that context
+    # holds).
+    peaks: dict[str, int] = {}
+    _device_peak(dev, peaks, "load")
     results = []
     for plen in prompt_lens:
         ids = random_prompt(cfg.vocab_size, plen, seed)
@@ -174,6 +190,7 @@ def bench(bundle_path: str | Path, *, device: str = "cpu", prompt_lens: list[int
             eng.warm(range(plen, plen + gen_len, 256))
         for _ in range(warmup):
             _one_run(eng, ids, gen_len, dev)
+        _device_peak(dev, peaks, "all", reset=True)
         ttfts, decs, runs = [], [], []
         for _ in range(repeats):
             ttft, dec, toks = _one_run(eng, ids, gen_len, dev)
@@ -199,14 +216,17 @@ def bench(bundle_path: str | Path, *, device: str = "cpu", prompt_lens: list[int
                 row["floor_ms_per_token"] = floor_ms
                 row["floor_tps"] = 1e3 / floor_ms
                 row["fraction_of_floor"] = floor_ms / ms
+        _device_peak(dev, peaks, "runs")
         results.append(row)
         if progress:
             print(_row_line(row), file=sys.stderr)
 
     mem: dict[str, Any] = {"peak_host_rss_bytes": peak_rss_bytes()}
     if dev.type == "cuda":
-        mem["peak_device_allocated_bytes"] = int(torch.cuda.max_memory_allocated(dev))
-        mem["peak_device_reserved_bytes"] = int(torch.cuda.max_memory_reserved(dev))
+        mem["peak_device_allocated_bytes"] = max(peaks["all"], peaks["runs"])
+        mem["peak_device_load_allocated_bytes"] = peaks["load"]
+        mem["peak_device_runs_allocated_bytes"] = peaks["runs"]
+        mem["peak_device_reserved_bytes"] = peaks["reserved"]
     dev_info: dict[str, Any] = {"type": dev.type, "torch": torch.__version__}
     if dev.type == "cuda":
         dev_info["name"] = torch.cuda.get_device_name(dev)
@@ -266,8 +286,10 @@ def format_table(rec: dict[str, Any]) -> str:
     m = rec["memory"]
     mem = f"peak host RSS {m['peak_host_rss_bytes'] / gb:.2f} GiB"
     if "peak_device_allocated_bytes" in m:
-        mem += (f"; peak device {m['peak_device_allocated_bytes'] / gb:.2f} GiB allocated, "
-                f"{m['peak_device_reserved_bytes'] / gb:.2f} GiB reserved")
+        mem += (f"; peak device {m['peak_device_allocated_bytes'] / gb:.2f} GiB allocated (after loading "
+                f"{m['peak_device_load_allocated_bytes'] / gb:.2f}, measured runs "
+                f"{m['peak_device_runs_allocated_bytes'] / gb:.2f}), {m['peak_device_reserved_bytes'] / gb:.2f} GiB "
+                "reserved")
     lines.append(mem)
     if rec["results"]:
         mb = rec["results"][0]["bytes_per_decode_step"]
