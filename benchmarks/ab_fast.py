@@ -4,8 +4,9 @@ step and peak memory for each configuration, a short table last.
     PYTHONPATH=src python benchmarks/ab_fast.py BUNDLE [--configs NAME:key=0|1,... ...] [--json OUT]
 
 Keys: pdl (programmatic dependent launch, GEMVs + inductor), reduce (in-kernel split-K sums), cprefill (compiled
-prefill). A config with pdl=1 is also measured with the GEMVs' PDL switched off after the fact ("gemv-pdl-off":
-same compiled code, graphs re-captured), which separates the GEMVs' share from inductor's.
+prefill), dattn (1: the Triton decode attention, 0: model.py's). A config with pdl=1 is also measured with the
+GEMVs' PDL switched off after the fact ("gemv-pdl-off": same compiled code, graphs re-captured), which separates
+the GEMVs' share from inductor's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from gemma4_coreai import kernels  # noqa: E402
 from gemma4_coreai.bundle import Bundle  # noqa: E402
 from gemma4_coreai.fast import FastCudaBackend  # noqa: E402
 
-KEYS = {"pdl": "pdl", "reduce": "reduce", "cprefill": "compile_prefill"}
+KEYS = {"pdl": "pdl", "reduce": "reduce", "cprefill": "compile_prefill", "dattn": "decode_attention"}
 
 
 def parse(spec: str) -> tuple[str, dict[str, bool]]:
@@ -34,7 +35,7 @@ def parse(spec: str) -> tuple[str, dict[str, bool]]:
     opts = {}
     for item in filter(None, kv.split(",")):
         k, _, v = item.partition("=")
-        opts[KEYS[k]] = v == "1"
+        opts[KEYS[k]] = ("triton" if v == "1" else "stock") if k == "dattn" else v == "1"
     return name, opts
 
 
@@ -71,7 +72,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")
     ap.add_argument("--configs", nargs="+", default=["new:pdl=1,reduce=1,cprefill=1",
-                                                     "base:pdl=0,reduce=0,cprefill=0"])
+                                                     "base:pdl=0,reduce=0,cprefill=0",
+                                                     "dattn:pdl=1,reduce=1,cprefill=1,dattn=1"])
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--long", type=int, default=4096)
     ap.add_argument("--json", type=Path)

@@ -99,6 +99,77 @@ def test_triton_gemv(n, k):
 
 @triton_dev
 @pytest.mark.cuda
+@pytest.mark.parametrize("hq,hkv,d,t,pos,window", [(4, 2, 32, 48, 30, 16), (8, 2, 64, 100, 99, None),
+                                                   (8, 1, 16, 7, 3, None), (2, 2, 32, 33, 32, 4),
+                                                   (8, 2, 256, 512, 300, 512), (8, 2, 512, 4096, 4000, None)])
+def test_decode_attention_triton(hq, hkv, d, t, pos, window):
+    """The split-KV decode attention against model.py's `attention` in fp64: GQA groups of 1 to 8, K/V as strided
+    views of a cache (as the model passes them), causal and sliding-window masks with keys past the position,
+    splits that end mid-block. Within half-precision error of fp64, and no worse than the stock path in the same
+    dtype. (The Triton interpreter multiplies bf16 wrongly, so on CPU it runs in fp16 and fp32; bf16 on CUDA.)"""
+    from gemma4_coreai.model import attention
+
+    if not HAS_CUDA and d * t > 1 << 14:
+        pytest.skip("too slow in the interpreter")
+    dev = "cuda" if HAS_CUDA else "cpu"
+    g = torch.Generator().manual_seed(t + d)
+    for dt in ((torch.bfloat16, torch.float16) if HAS_CUDA else (torch.float16, torch.float32)):
+        q = torch.randn(1, hq, 1, d, generator=g).to(dt).to(dev)
+        cache = torch.randn(2, 3, hkv, t + 8, 2 * d, generator=g).to(dt).to(dev)
+        k, v = cache[0, 1:2, :, :t, :d], cache[1, 1:2, :, :t, :d]
+        keys = torch.arange(t, device=dev)
+        allowed = (keys <= pos) & ((keys > pos - window) if window else True)
+        assert K.decode_attention_ok(q, k)
+        got = K.decode_attention_triton(q, k, v, allowed.view(1, t))
+        assert got.shape == q.shape and got.dtype == dt
+        want = attention(q.double(), k.double(), v.double(), allowed.view(1, t))
+        err = float((got.double() - want).abs().max())
+        stock = float((attention(q, k, v, allowed.view(1, t)).double() - want).abs().max())
+        assert err < (1e-5 if dt == torch.float32 else max(2 * stock, 1e-2)), (dt, err, stock)
+
+
+def test_decode_attention_op_in_compiled_step():
+    """The opt-in decode attention as a custom op inside the fast path's compiled step (CPU inductor, kv_len
+    dynamic; off the GPU the op computes model.py's attention): the step tracks the eager stock model past the
+    sliding window and across two kv_len buckets, and reads the cache in place (no copy of it in the code)."""
+    from hf_reference import build_reference, mini
+    from torch._inductor.utils import run_and_get_code
+
+    from gemma4_coreai.fast import fused_decode_attention, scatter_kv_write, stack_projections
+    from gemma4_coreai.model import Gemma4Model, set_attention, set_kv_write
+
+    ref = build_reference(mini())
+    ctx = 24
+
+    def make():
+        return Gemma4Model(ref.cfg, ref.weights, ple_mode="tbl", max_context=ctx, linear_storage="packed",
+                           ple_table=ref.ple_table, ple_scale=ref.ple_scale).eval()
+
+    stock, fused = make(), make()
+    stack_projections(fused)
+    set_kv_write(fused, scatter_kv_write)
+    set_attention(fused, fused_decode_attention)
+    step = compiled_decode(fused)
+    toks = torch.randint(3, ref.cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.inference_mode():
+        ids = torch.tensor([toks[:3]])
+        stock(ids, torch.tensor(0), kv_len=ctx)
+        fused(ids, torch.tensor(0), kv_len=ctx)
+        for p, t in enumerate(toks[3:], 3):
+            ids, pos = torch.tensor([[t]]), torch.tensor(p)
+            want = stock(ids, pos, kv_len=ctx)[0, -1]
+            kv_len = 8 if p < 8 else ctx
+            if p == 3:
+                got, code = run_and_get_code(step, ids, pos, kv_len)
+                assert "gemma4.decode_attention" in "\n".join(code)
+                assert not cache_copies("\n".join(code), fused.k_cache)
+            else:
+                got = step(ids, pos, kv_len)
+            assert float((got - want).abs().max()) <= 1e-4, p
+
+
+@triton_dev
+@pytest.mark.cuda
 @pytest.mark.parametrize("n,k", [(37, 256), (2560, 10240)])
 def test_triton_dequant_exact(n, k):
     dev = "cuda" if HAS_CUDA else "cpu"
@@ -116,8 +187,9 @@ def test_triton_dequant_exact(n, k):
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("opts", [{"compile": False}, {"compile": True},
-                                  {"compile": True, "pdl": False, "reduce": False, "compile_prefill": False}],
-                         ids=["eager", "compiled", "compiled-no-pdl-no-reduce"])
+                                  {"compile": True, "pdl": False, "reduce": False, "compile_prefill": False},
+                                  {"compile": True, "decode_attention": "triton"}],
+                         ids=["eager", "compiled", "compiled-no-pdl-no-reduce", "compiled-triton-attention"])
 def test_fast_decode_matches_stock(tiny_bundle, opts, monkeypatch):
     """Teacher-forced along the fp32 path's greedy tokens, the fast path's prefill and decode logits are as close
     to the fp32 stock path as the stock bf16 path is (bf16 tolerance), also for a prompt prefilled in pieces

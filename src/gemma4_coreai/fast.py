@@ -258,6 +258,19 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: t
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=1.0)
 
 
+def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           allowed: torch.Tensor) -> torch.Tensor:
+    """Opt-in attention strategy (`FastCudaBackend(decode_attention="triton")`): prefill as `sdpa_attention`; one
+    query row through `torch.ops.gemma4.decode_attention` (two Triton kernels, split-KV flash decoding reading the
+    cache views in place) instead of two cuBLAS GEMMs, a mask and a softmax. Same contract as `attention`."""
+    if q.shape[2] != 1:
+        return sdpa_attention(q, k, v, allowed)
+    return torch.ops.gemma4.decode_attention(q, k, v, allowed)
+
+
+DECODE_ATTENTION = {"stock": sdpa_attention, "triton": fused_decode_attention}
+
+
 def scatter_kv_write(cache: torch.Tensor, slot: int, positions: torch.Tensor, kv: torch.Tensor) -> None:
     """KV-write strategy for the fast path: kv [1, kv_heads, S, hd] -> cache[slot, 0, :, positions, :hd] as one
     index_put_ on the cache itself (every index a broadcast tensor, no view of the cache). torch.compile turns
@@ -315,15 +328,19 @@ class FastCudaBackend:
 
     def __init__(self, inner: TorchBackend, *, compile: bool = True, cuda_graph: bool = True, stack: bool = True,
                  sdpa: bool = True, frag: bool = True, compile_prefill: bool = True, pdl: bool | None = None,
-                 reduce: bool | None = None):
+                 reduce: bool | None = None, decode_attention: str = "stock"):
         """Wrap a TorchBackend built on CUDA in bf16 with linear_storage='packed' (see `from_bundle`); `stack`:
         apply `stack_projections` (one GEMV for q/k/v, one for gate/up); `sdpa`: fused attention in prefill;
         `frag`: the tensor-core GEMV where the CUDA kernel builds (`use_frag_layout`); `compile_prefill`: batched
         prefill through torch.compile too (with `compile`); `pdl`: programmatic dependent launch for the GEMVs and
         inductor's kernels on Hopper+ (default: on, GEMMA4_PDL=0 turns it off); `reduce`: GEMVs add their K slices
-        in-kernel (default: on with the CUDA kernel, GEMMA4_GEMV_REDUCE=0 turns it off)."""
+        in-kernel (default: on with the CUDA kernel, GEMMA4_GEMV_REDUCE=0 turns it off); `decode_attention`:
+        "stock" (model.py's attention in the decode step) or "triton" (`fused_decode_attention`, with `sdpa`)."""
         if inner.device.type != "cuda" or inner.model.lm_head.storage != "packed":
             raise Gemma4Error("the fast path needs a CUDA torch backend with packed int4 linears")
+        if decode_attention not in DECODE_ATTENTION:
+            raise Gemma4Error(f"unknown decode attention {decode_attention!r}: expected one of "
+                              f"{', '.join(DECODE_ATTENTION)}")
         self.inner = inner
         self.model = self.inner.model
         ple_mode = inner.ple_mode
@@ -350,7 +367,8 @@ class FastCudaBackend:
         set_linear_fn(self.model, fast_linear)
         set_kv_write(self.model, scatter_kv_write)
         if sdpa:
-            set_attention(self.model, sdpa_attention)
+            set_attention(self.model, DECODE_ATTENTION[decode_attention])
+        self.decode_attention = decode_attention if sdpa else "stock"
         self.use_compile, self.use_graph = compile, cuda_graph
         dev = self.device
         self._ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -463,6 +481,7 @@ class FastCudaBackend:
 
         gemv = ("CUDA C++ + tensor-core" if self.frag else "CUDA C++") if _CUDA["ext"] is not None else "Triton"
         extra = "".join((", in-kernel split-K sums" if self.reduce else "", ", PDL" if self.pdl else "",
+                         ", Triton decode attention" if self.decode_attention == "triton" else "",
                          ", compiled prefill" if self._prefill_fn is not None else "",
                          ", embedding from the int4 head" if self.embed_from_head else ""))
         return f"fast cuda bf16 {self.ple_mode} ({gemv} int4 GEMV, {how}{extra}, max context {self.max_context})"
