@@ -327,7 +327,7 @@ def q4_dequant_triton(q4: Tensor, scale: Tensor, dtype: torch.dtype = torch.bflo
 # ---- decode attention (one query token): split-KV flash decoding in Triton -------------------------------
 
 DECODE_ATTN_BLOCK_T = 32  # keys per inner step
-DECODE_ATTN_GROUP = 16    # query rows per program: a KV head's query heads, padded for tl.dot
+DECODE_ATTN_GROUP = 16    # query rows per split program: a KV head's query heads, padded for tl.dot
 
 
 if HAVE_TRITON:
@@ -337,8 +337,8 @@ if HAVE_TRITON:
                                   sq_h, sk_h, sk_t, sv_h, sv_t, G: tl.constexpr, GP: tl.constexpr,
                                   D: tl.constexpr, BLOCK_T: tl.constexpr):
         """Program (h, s): the G query heads of KV head h against keys [s * T_SPLIT, (s + 1) * T_SPLIT): the running
-        max m, sum l and unnormalised output acc of an online softmax (fp32; scores from bf16 products with fp32
-        accumulation, scale 1.0; keys where mask is 0 are skipped) -> m, l [H, S, GP], acc [H, S, GP, D]."""
+        max m, sum l and unnormalised output acc of an online softmax (fp32; scores from half-precision products
+        with fp32 accumulation, scale 1.0) -> m, l [H, S, G], acc [H, S, G, D]. Keys the mask hides are not read."""
         h = tl.program_id(0)
         sp = tl.program_id(1)
         nsp = tl.num_programs(1)
@@ -354,7 +354,7 @@ if HAVE_TRITON:
             t = t0 + tl.arange(0, BLOCK_T)
             live = t < t_end
             ok = (tl.load(mask_ptr + t, mask=live, other=0) != 0) & live
-            k = tl.load(k_ptr + h * sk_h + t[:, None] * sk_t + d[None, :], mask=live[:, None], other=0.0)
+            k = tl.load(k_ptr + h * sk_h + t[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k))  # [GP, BLOCK_T], fp32
             scores = tl.where(ok[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -362,70 +362,72 @@ if HAVE_TRITON:
             alpha = tl.exp(m_i - m_use)
             p = tl.exp(scores - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + h * sv_h + t[:, None] * sv_t + d[None, :], mask=live[:, None], other=0.0)
+            v = tl.load(v_ptr + h * sv_h + t[:, None] * sv_t + d[None, :], mask=ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        row = (h * nsp + sp) * GP + g
-        tl.store(m_ptr + row, m_i)
-        tl.store(l_ptr + row, l_i)
-        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc)
+        row = (h * nsp + sp) * G + g
+        live_g = g < G
+        tl.store(m_ptr + row, m_i, mask=live_g)
+        tl.store(l_ptr + row, l_i, mask=live_g)
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=live_g[:, None])
 
     @triton.jit
     def _decode_attn_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, NSPLIT, so_h, G: tl.constexpr,
-                                    GP: tl.constexpr, D: tl.constexpr):
-        """Program h: the splits of KV head h merged (rescaled to their common max) and normalised -> out rows of
-        its G query heads, in out's dtype."""
-        h = tl.program_id(0)
-        g = tl.arange(0, GP)
-        d = tl.arange(0, D)
-        m_all = tl.full([GP], float("-inf"), tl.float32)
-        for sp in range(0, NSPLIT):
-            m_all = tl.maximum(m_all, tl.load(m_ptr + (h * NSPLIT + sp) * GP + g))
-        m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
-        den = tl.zeros([GP], tl.float32)
-        num = tl.zeros([GP, D], tl.float32)
-        for sp in range(0, NSPLIT):
-            row = (h * NSPLIT + sp) * GP + g
-            w = tl.exp(tl.load(m_ptr + row) - m_use)
-            den += tl.load(l_ptr + row) * w
-            num += tl.load(acc_ptr + row[:, None] * D + d[None, :]) * w[:, None]
-        out = num / den[:, None]
-        tl.store(out_ptr + (h * G + g)[:, None] * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=(g < G)[:, None])
+                                    D: tl.constexpr, SP: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (query head r, d block): the splits of r merged at once (rescaled to their common max) and
+        normalised -> out[r, d block] in out's dtype. SP >= NSPLIT, a power of two."""
+        r = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        h, gi = r // G, r % G
+        sp = tl.arange(0, SP)
+        live = sp < NSPLIT
+        row = (h * NSPLIT + sp) * G + gi
+        m = tl.load(m_ptr + row, mask=live, other=float("-inf"))
+        m_all = tl.max(m, 0)
+        w = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))
+        den = tl.sum(tl.load(l_ptr + row, mask=live, other=0.0) * w, 0)
+        num = tl.sum(tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=live[:, None], other=0.0) * w[:, None], 0)
+        tl.store(out_ptr + r * so_h + d, (num / den).to(out_ptr.dtype.element_ty))
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def decode_attention_ok(q: Tensor, k: Tensor) -> bool:
-    """Whether `decode_attention_triton` takes these shapes: one query token, at most DECODE_ATTN_GROUP query heads
-    per KV head, a power-of-two head dim of at least 16 (tl.dot), unit stride along it, Triton usable."""
+def decode_attention_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether `decode_attention_triton` takes these: one query token, at most DECODE_ATTN_GROUP query heads per KV
+    head, a power-of-two head dim of at least 16 (tl.dot), unit stride along it, one dtype, half precision on a GPU
+    (fp32 would run its products in TF32; the interpreter on CPU takes fp32 too), Triton usable."""
     d, g = q.shape[-1], q.shape[1] // k.shape[1]
     return (q.shape[0] == 1 and q.shape[2] == 1 and q.shape[1] % k.shape[1] == 0 and g <= DECODE_ATTN_GROUP
-            and d >= 16 and d & (d - 1) == 0 and q.stride(-1) == k.stride(-1) == 1 and triton_usable(q))
+            and d >= 16 and d & (d - 1) == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and q.dtype == k.dtype == v.dtype and (q.dtype in (torch.float16, torch.bfloat16) or not q.is_cuda)
+            and triton_usable(q))
 
 
 def decode_attention_triton(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
     """Attention of one query token (model.py's `attention` contract: q [1, Hq, 1, D]; k, v [1, Hkv, T, D], any
     strides along T and heads, e.g. views of the KV cache; `allowed` [1, T] bool; score scale 1.0; GQA in HF's head
-    order) in two kernels: split-KV online softmax, then the merge. Scores and softmax in fp32, probabilities rounded
-    to v's dtype for the value product (flash-attention numerics)."""
+    order) in two kernels: a split-KV online softmax over (KV head, key range) programs, then a merge over
+    (query head, 64 dims) programs. Scores and softmax in fp32, unnormalised probabilities rounded to v's dtype for
+    the value product (flash-attention numerics)."""
     _, hq, _, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
-    g, gp, bt = hq // hkv, DECODE_ATTN_GROUP, DECODE_ATTN_BLOCK_T
+    g, bt = hq // hkv, DECODE_ATTN_BLOCK_T
     nsplit = max(1, min(64, _cdiv(t, bt)))  # enough programs to keep the GPU loading the cache
     t_split = _cdiv(_cdiv(t, nsplit), bt) * bt  # whole key blocks per split
     nsplit = _cdiv(t, t_split)
     mask = allowed.reshape(-1)[-t:].contiguous().view(torch.uint8)
-    m = torch.empty(hkv * nsplit * gp, dtype=torch.float32, device=q.device)
+    m = torch.empty(hkv * nsplit * g, dtype=torch.float32, device=q.device)
     lsum = torch.empty_like(m)
-    acc = torch.empty(hkv * nsplit * gp, d, dtype=torch.float32, device=q.device)
+    acc = torch.empty(hkv * nsplit * g, d, dtype=torch.float32, device=q.device)
     out = torch.empty(1, hq, 1, d, dtype=q.dtype, device=q.device)
     _decode_attn_split_kernel[(hkv, nsplit)](q, k, v, mask, m, lsum, acc, t, t_split, q.stride(1), k.stride(1),
-                                             k.stride(2), v.stride(1), v.stride(2), G=g, GP=gp, D=d, BLOCK_T=bt,
-                                             num_warps=4)
-    _decode_attn_combine_kernel[(hkv,)](m, lsum, acc, out, nsplit, out.stride(1), G=g, GP=gp, D=d, num_warps=4)
+                                             k.stride(2), v.stride(1), v.stride(2), G=g, GP=DECODE_ATTN_GROUP, D=d,
+                                             BLOCK_T=bt, num_warps=8 if d >= 512 else 4)
+    block_d = min(d, 64)
+    _decode_attn_combine_kernel[(hq, d // block_d)](m, lsum, acc, out, nsplit, out.stride(1), G=g, D=d,
+                                                    SP=triton.next_power_of_2(nsplit), BLOCK_D=block_d, num_warps=4)
     return out
 
 
@@ -478,7 +480,7 @@ def _(x: Tensor, q4: Tensor, scale: Tensor, split: int, variant: int) -> Tensor:
 
 @torch.library.custom_op("gemma4::decode_attention", mutates_args=())
 def _op_decode_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
-    if decode_attention_ok(q, k):
+    if decode_attention_ok(q, k, v):
         return decode_attention_triton(q, k, v, allowed)
     from .model import attention
 
