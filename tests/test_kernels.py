@@ -459,6 +459,72 @@ def test_tune_gemv_moves_winning_shapes_to_frag(monkeypatch):
             assert float((got_l - want_l).abs().max()) < 1e-4
 
 
+def test_tune_gemv_cache(monkeypatch, tmp_path):
+    """Tuning picks kept across processes: a second model on the same cache is not timed at all and gets the same
+    kernels, splits and layouts; an entry that is no longer a candidate is timed again and replaced; the file
+    keeps one section per header, survives a corrupt file, and GEMMA4_GEMV_TUNE=fresh ignores it."""
+    from hf_reference import build_reference, tiny
+
+    import gemma4_coreai.fast as fast
+    from gemma4_coreai.model import Gemma4Model
+
+    ref = build_reference(tiny())
+
+    def model():
+        m = Gemma4Model(ref.cfg, ref.weights, ple_mode="tbl", max_context=48, linear_storage="packed",
+                        ple_table=ref.ple_table, ple_scale=ref.ple_scale).eval()
+        fast.stack_projections(m)
+        return m
+
+    timed = []
+
+    def timer(calls, key):
+        timed.append(key)
+        n, k, v, sp, lay = key
+        return 1.0 + sp / 100 + (0.0 if lay == "frag" else 0.5)
+
+    def picks(m):
+        return {lin.name: (lin.gemv, lin.layout) for _, lin in m.q4_linears() if lin.q4._base is None}
+
+    monkeypatch.setattr(fast, "cuda_ext", lambda: object())
+    monkeypatch.delenv("GEMMA4_GEMV_TUNE", raising=False)
+    path = tmp_path / "cache" / "gemv-tuning.json"
+    c1 = fast.GemvTuningCache("gpu A", path)
+    a = model()
+    rep_a = fast.tune_gemv(a, torch.float32, timer=timer, reduce=True, cache=c1.picks)
+    c1.save()
+    # every shape with more than one candidate was timed and cached (the K = 32 PLE projection has one)
+    assert timed and len(c1.picks) == sum(r["tried"] > 1 for r in rep_a.values()) > 0
+    assert not list(path.parent.glob(".*.tmp"))
+    timed.clear()
+    c2 = fast.GemvTuningCache("gpu A", path)
+    b = model()
+    rep_b = fast.tune_gemv(b, torch.float32, timer=timer, reduce=True, cache=c2.picks)
+    assert not timed and picks(b) == picks(a)
+    assert all(r["tried"] == (0 if rep_a[shape]["tried"] > 1 else 1) for shape, r in rep_b.items())
+    stale = next(iter(c2.picks))
+    c2.picks[stale] = [16, 999, "frag", 1.0]  # not a candidate any more
+    fast.tune_gemv(model(), torch.float32, timer=timer, reduce=True, cache=c2.picks)
+    assert timed and {(n, k) for n, k, *_ in timed} == {tuple(map(int, stale.split()[0].split("x")))}
+    assert c2.picks[stale][1] != 999
+    c2.save()
+    other = fast.GemvTuningCache("gpu B", path)
+    assert other.picks == {}
+    other.picks["x"] = [0, 1, "packed", 2.0]
+    other.save()
+    assert fast.GemvTuningCache("gpu A", path).picks == c2.picks  # sections side by side
+    monkeypatch.setenv("GEMMA4_GEMV_TUNE", "fresh")
+    assert fast.GemvTuningCache("gpu A", path).picks == {}
+    monkeypatch.delenv("GEMMA4_GEMV_TUNE")
+    path.write_text("{not json")
+    assert fast.GemvTuningCache("gpu A", path).picks == {}
+    fast.GemvTuningCache("gpu A", tmp_path / "file" / "x.json").save()  # nothing to save: no error
+    (tmp_path / "ro").write_text("")  # a file where the directory should be: saving is skipped quietly
+    blocked = fast.GemvTuningCache("gpu A", tmp_path / "ro" / "x.json")
+    blocked.picks["y"] = [0, 1, "packed", 1.0]
+    blocked.save()
+
+
 @pytest.mark.parametrize("frag", [False, True])
 def test_embedding_from_int4_head(frag):
     """On a QAT-like model (embedding on the q4_0 lattice) the head's rows, gathered and dequantized from either

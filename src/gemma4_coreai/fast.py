@@ -27,12 +27,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
 import types
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -142,6 +145,15 @@ def embed_from_head(model: Gemma4Model, rows_per_check: int = 16384) -> bool:
     return True
 
 
+def _tuning_header(device: torch.device, pdl: bool) -> str:
+    """What GEMV timings depend on besides the shape: the GPU model, torch, the kernel source, the launch mode."""
+    from .kernels import _CUDA
+
+    src = Path(__file__).with_name("q4_gemv_cuda.cu")
+    kernel = hashlib.sha1(src.read_bytes()).hexdigest()[:12] if _CUDA["ext"] is not None else "triton"
+    return f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | kernel {kernel} | pdl {int(pdl)}"
+
+
 def inductor_options(pdl: bool) -> dict[str, Any]:
     """torch.compile options of the fast path's steps: programmatic dependent launch for inductor's Triton kernels
     where this torch has it (each kernel waits for its producer inside, so its launch overlaps the previous one)."""
@@ -189,15 +201,19 @@ def gemv_candidates(n: int, k: int, layout: str, x_dtype: torch.dtype) -> list[t
 
 
 def tune_gemv(model: Gemma4Model, x_dtype: torch.dtype = torch.bfloat16, frag: bool = True,
-              timer: Any = None, reduce: bool = False) -> dict[tuple[int, int], Any]:
+              timer: Any = None, reduce: bool = False,
+              cache: dict[str, Any] | None = None) -> dict[tuple[int, int], Any]:
     """Pick each linear's GEMV kernel, K split and weight layout by timing every candidate on the model's own
     weights (CUDA graphs over the linears of one shape, rotating so that L2 does not hold them; the frag layout
     timed on temporary copies), then set `lin.gemv` = (variant, split) and move the shape's weights to the frag
     layout where a tensor-core variant won (`frag`: allow that). One entry per (N, K): {"pick": (variant, split),
-    "layout", "us", "tried"}. GEMMA4_GEMV_TUNE=0 skips the timing: the default CUDA-core kernel everywhere.
-    Views (parts of stacked projections) are not called by the fast path and are skipped. `timer(calls, key)`
+    "layout", "us", "tried" (0: taken from `cache`), "reduce"}. GEMMA4_GEMV_TUNE=0 skips the timing: the default
+    CUDA-core kernel everywhere. Views (parts of stacked projections) are not called by the fast path and are
+    skipped. `timer(calls, key)`
     (tests) replaces the CUDA-graph timing; key = (N, K, variant, split, layout). `reduce`: every pick (and every
-    timed candidate) adds its K slices in the kernel (variant | GEMV_REDUCE; CUDA kernel only)."""
+    timed candidate) adds its K slices in the kernel (variant | GEMV_REDUCE; CUDA kernel only). `cache`: picks of
+    earlier timings on the same GPU and code (`GemvTuningCache`), used instead of timing where they are still
+    candidates; new picks are added to it."""
     timer = timer or (lambda calls, key: _graph_us(calls))
 
     groups: dict[tuple[int, int], list[Q4Linear]] = {}
@@ -219,7 +235,13 @@ def tune_gemv(model: Gemma4Model, x_dtype: torch.dtype = torch.bfloat16, frag: b
             continue
         cands = [(v, sp, lay) for lay in ((layout, "frag") if can_frag else (layout,))
                  for v, sp in gemv_candidates(n, k, lay, x_dtype)]
-        if not tune or len(cands) == 1:
+        ckey = f"{n}x{k} {layout} {str(x_dtype).removeprefix('torch.')} reduce={int(bool(flag))} frag={int(can_frag)}"
+        cached = (cache or {}).get(ckey)
+        hit = bool(tune and cached and tuple(cached[:3]) in cands)
+        if hit:
+            pick = tuple(cached[:3])
+            times = {pick: cached[3]}
+        elif not tune or len(cands) == 1:
             pick = (*default_gemv(n, k, layout), layout)
             times = {pick: None}
         else:
@@ -237,14 +259,52 @@ def tune_gemv(model: Gemma4Model, x_dtype: torch.dtype = torch.bfloat16, frag: b
                     times[(v, sp, lay)] = timer(calls, (n, k, v, sp, lay))
             del weights
             pick = min(times, key=times.get)
+            if cache is not None:
+                cache[ckey] = [*pick, times[pick]]
         if pick[2] == "frag" and layout == "packed":
             for lin in lins:
                 _to_frag(lin)
         for lin in lins:
             lin.gemv = (pick[0] | flag, pick[1])
-        report[(n, k)] = {"pick": pick[:2], "layout": pick[2], "us": times[pick], "tried": len(times),
-                          "reduce": bool(flag)}
+        report[(n, k)] = {"pick": pick[:2], "layout": pick[2], "us": times[pick],
+                          "tried": 0 if hit else len(times), "reduce": bool(flag)}
     return report
+
+
+class GemvTuningCache:
+    """`tune_gemv`'s picks kept across processes, in a JSON file (default: $GEMMA4_CACHE_DIR, else
+    $XDG_CACHE_HOME/gemma4-coreai, else ~/.cache/gemma4-coreai; gemv-tuning.json), one section per GPU model, torch
+    version, kernel source and launch mode (`header`). An unreadable file is ignored and rewritten; a file that
+    cannot be written only costs the timing next time. GEMMA4_GEMV_TUNE=fresh re-times and overwrites."""
+
+    def __init__(self, header: str, path: Path | None = None):
+        if path is None:
+            root = os.environ.get("GEMMA4_CACHE_DIR") or os.path.join(
+                os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemma4-coreai")
+            path = Path(root) / "gemv-tuning.json"
+        self.path, self.header = Path(path), header
+        try:
+            self._all = json.loads(self.path.read_text())
+            if not isinstance(self._all, dict):
+                self._all = {}
+        except (OSError, ValueError):
+            self._all = {}
+        fresh = os.environ.get("GEMMA4_GEMV_TUNE") == "fresh"
+        self.picks: dict[str, Any] = {} if fresh else dict(self._all.get(header) or {})
+        self._saved = None if fresh else dict(self.picks)
+
+    def save(self) -> None:
+        if self.picks == self._saved:
+            return
+        self._all[self.header] = self.picks
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self._all, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+            self._saved = dict(self.picks)
+        except OSError:
+            pass
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -360,7 +420,10 @@ class FastCudaBackend:
             reduce = os.environ.get("GEMMA4_GEMV_REDUCE", "1") != "0"
         self.reduce = bool(reduce and cuda_ext() is not None)
         self.pdl = set_pdl(os.environ.get("GEMMA4_PDL", "1") != "0" if pdl is None else pdl)
-        self.gemv_tuning = tune_gemv(self.model, inner.dtype, frag=frag, reduce=self.reduce)
+        self.gemv_cache = GemvTuningCache(_tuning_header(self.device, self.pdl))
+        self.gemv_tuning = tune_gemv(self.model, inner.dtype, frag=frag, reduce=self.reduce,
+                                     cache=self.gemv_cache.picks)
+        self.gemv_cache.save()
         self.tune_s = time.perf_counter() - t0
         self.frag = any(r["layout"] == "frag" for r in self.gemv_tuning.values())
         torch.cuda.empty_cache()
@@ -461,7 +524,7 @@ class FastCudaBackend:
         from .kernels import GEMV_VARIANTS
 
         return [{"N": n, "K": k, "layout": r["layout"], "kernel": GEMV_VARIANTS[r["pick"][0]], "split": r["pick"][1],
-                 "reduce": r["reduce"], "us": r["us"], "candidates": r["tried"]}
+                 "reduce": r["reduce"], "us": r["us"], "candidates": r["tried"], "cached": r["tried"] == 0}
                 for (n, k), r in self.gemv_tuning.items()]
 
     def warm(self, positions: Sequence[int]) -> None:
