@@ -740,3 +740,18 @@ def test_gpu_dequant_exact(n, k):
             assert torch.equal(K.q4_dequant(q4, dd, dt), want), (sdt, dt)
             if K.frag_ok(n, k):
                 assert torch.equal(K.q4_dequant(*K.to_frag_layout(q4, dd), dt, frag=True), want), (sdt, dt)
+
+
+def test_fast_backend_refuses_bad_switches(tiny_bundle):
+    """One clear line for a switch the fast path does not know, and for an inner backend it cannot wrap (checked
+    before anything is loaded onto a GPU)."""
+    from gemma4_coreai.backends import TorchBackend
+    from gemma4_coreai.bundle import Bundle
+    from gemma4_coreai.errors import Gemma4Error
+    from gemma4_coreai.fast import FastCudaBackend
+
+    inner = TorchBackend.from_bundle(Bundle.open(tiny_bundle), device="cpu", max_context=32, linear_storage="packed")
+    with pytest.raises(Gemma4Error, match="unknown decode attention 'flash': expected one of stock, triton"):
+        FastCudaBackend(inner, decode_attention="flash")
+    with pytest.raises(Gemma4Error, match="needs a CUDA torch backend"):
+        FastCudaBackend(inner)

@@ -396,11 +396,11 @@ class FastCudaBackend:
         inductor's kernels on Hopper+ (default: on, GEMMA4_PDL=0 turns it off); `reduce`: GEMVs add their K slices
         in-kernel (default: on with the CUDA kernel, GEMMA4_GEMV_REDUCE=0 turns it off); `decode_attention`:
         "stock" (model.py's attention in the decode step) or "triton" (`fused_decode_attention`, with `sdpa`)."""
-        if inner.device.type != "cuda" or inner.model.lm_head.storage != "packed":
-            raise Gemma4Error("the fast path needs a CUDA torch backend with packed int4 linears")
         if decode_attention not in DECODE_ATTENTION:
             raise Gemma4Error(f"unknown decode attention {decode_attention!r}: expected one of "
                               f"{', '.join(DECODE_ATTENTION)}")
+        if inner.device.type != "cuda" or inner.model.lm_head.storage != "packed":
+            raise Gemma4Error("the fast path needs a CUDA torch backend with packed int4 linears")
         self.inner = inner
         self.model = self.inner.model
         ple_mode = inner.ple_mode
