@@ -4,9 +4,10 @@ step and peak memory for each configuration, a short table last.
     PYTHONPATH=src python benchmarks/ab_fast.py BUNDLE [--configs NAME:key=0|1,... ...] [--json OUT]
 
 Keys: pdl (programmatic dependent launch, GEMVs + inductor), reduce (in-kernel split-K sums), cprefill (compiled
-prefill), dattn (1: the Triton decode attention, 0: model.py's). A config with pdl=1 is also measured with the
-GEMVs' PDL switched off after the fact ("gemv-pdl-off": same compiled code, graphs re-captured), which separates
-the GEMVs' share from inductor's.
+prefill), dattn (1: the Triton decode attention, 0: model.py's). A config with pdl=1 is also measured with the GEMVs'
+PDL switched off after the fact ("gemv-pdl-off": the same compiled code and picks, graphs re-captured, greedy tokens
+checked equal), which separates the GEMVs' share of PDL from inductor's. Each config prints its per-kernel profile
+of one decode step and its GEMV picks, and the JSON is rewritten after each, so a time limit keeps what was done.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def decode_ms(fb: FastCudaBackend, ids: list[int], steps: int = 200) -> float:
     return sorted(times)[1]
 
 
+def tokens(fb: FastCudaBackend, ids: list[int], n: int = 32) -> list[int]:
+    fb.reset()
+    return fb.greedy(int(fb.prefill(ids).argmax()), n)
+
+
 def measure(fb: FastCudaBackend, ids: list[int], context: int, long: int) -> dict:
     t0 = time.perf_counter()
     fb.reset()
@@ -59,8 +65,10 @@ def measure(fb: FastCudaBackend, ids: list[int], context: int, long: int) -> dic
     first = time.perf_counter() - t0
     row = {"first_run_s": round(first, 1), "decode_ms": decode_ms(fb, ids[:context])}
     g = fb._graphs[fb._bucket(fb.position - 1)]  # the graph of the last step taken
-    _, busy, n, _ = kernel_table(g.replay)
-    row.update(kernels_per_step=n, kernel_ms=round(busy, 3))
+    _, busy, n, top = kernel_table(g.replay, top=24)
+    row.update(kernels_per_step=n, kernel_ms=round(busy, 3), top_kernels=top)
+    for name, c, t in top:  # the per-kernel profile of one step, by total time
+        print(f"   {t:8.3f} ms {c:5d}x  {name}")
     for plen in (128, long):
         torch.cuda.reset_peak_memory_stats()
         row[f"prefill{plen}_ms"] = prefill_ms(fb, ids[:plen])
@@ -79,6 +87,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     b = Bundle.open(args.bundle)
+    first_tokens: list[int] | None = None
     ids = torch.randint(3, b.config.vocab_size, (max(args.long, args.context),),
                         generator=torch.Generator().manual_seed(0)).tolist()
     rows = {}
@@ -86,19 +95,28 @@ def main() -> int:
         name, opts = parse(spec)
         fb = FastCudaBackend.from_bundle(b, max_context=min(b.max_context, args.long + 512), **opts)
         print(f"{name}: {fb.describe()} (tune {fb.tune_s:.1f} s)", flush=True)
+        for r in fb.gemv_report():
+            us = r["us"] or float("nan")
+            print(f"   gemv N={r['N']:>6} K={r['K']:>5}: {r['kernel']:<10} split {r['split']:>2} {us:6.1f} us")
         rows[name] = measure(fb, ids, args.context, args.long)
-        print(f"{name}: {rows[name]}", flush=True)
-        if fb.pdl:
+        rows[name]["gemv"] = fb.gemv_report()
+        want = tokens(fb, ids[:args.context])
+        rows[name]["tokens_match_first"] = sum(a == b for a, b in zip(want, first_tokens or want, strict=True))
+        first_tokens = first_tokens or want
+        print(f"{name}: { {k: v for k, v in rows[name].items() if k not in ('top_kernels', 'gemv')} }", flush=True)
+        if fb.pdl:  # the same compiled code with the GEMVs' PDL off: graphs re-captured, the math unchanged
             kernels.set_pdl(False)
             fb._graphs.clear()
             fb._pool = None  # a fresh pool: torch refuses to capture into one whose graphs were all freed
-            rows[name + "/gemv-pdl-off"] = {"decode_ms": decode_ms(fb, ids[:args.context])}
-            print(f"{name}/gemv-pdl-off: {rows[name + '/gemv-pdl-off']}", flush=True)
+            row = {"decode_ms": decode_ms(fb, ids[:args.context]),
+                   "same_tokens": tokens(fb, ids[:args.context]) == want}
+            rows[f"{name}/gemv-pdl-off"] = row
+            print(f"{name}/gemv-pdl-off: {row}", flush=True)
+        if args.json:  # after every configuration: a time limit keeps what was measured
+            args.json.write_text(json.dumps(rows, indent=1))
         del fb
         gc.collect()
         torch.cuda.empty_cache()
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
     cols = ["decode_ms", "kernels_per_step", "kernel_ms", "prefill128_ms", f"prefill{args.long}_ms",
             f"peak{args.long}_gib", "first_run_s"]
     print("\n| config | " + " | ".join(cols) + " |")

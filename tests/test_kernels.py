@@ -558,6 +558,33 @@ def test_embedding_from_int4_head(frag):
     assert not embed_from_head(c) and c.embed_tokens.numel() > 0
 
 
+def test_embedding_from_head_with_the_table_held_elsewhere():
+    """`FastCudaBackend.from_bundle` builds the model with an empty stand-in for the 16-bit embedding and passes the
+    table (on the host) to `embed_from_head`: it switches to the head when the table is on the lattice, so the GPU
+    never holds the table, and reports False for a table that is not (the backend then installs it)."""
+    from hf_reference import build_reference, tiny
+
+    from gemma4_coreai.fast import EMBEDDING, _Without, embed_from_head
+    from gemma4_coreai.model import Gemma4Model
+
+    ref = build_reference(tiny())
+    table = ref.weights[EMBEDDING]
+    def build(weights):
+        return Gemma4Model(ref.cfg, weights, ple_mode="tbl", max_context=48, linear_storage="packed",
+                           ple_table=ref.ple_table, ple_scale=ref.ple_scale).eval()
+
+    a = build(ref.weights)
+    b, c = (build(_Without(ref.weights, EMBEDDING, table[:0])) for _ in range(2))
+    assert b.embed_tokens.shape == (0, table.shape[1])
+    assert embed_from_head(b, rows_per_check=100, table=table)
+    ids = torch.tensor([[0, 5, 17, 300, ref.cfg.vocab_size - 1]])
+    with torch.inference_mode():
+        assert torch.equal(b.embed(ids), a.embed(ids))
+    off = table.clone()
+    off[ref.cfg.vocab_size - 1, 0] += 1  # in the last chunk
+    assert not embed_from_head(c, rows_per_check=100, table=off) and c.embed_tokens.numel() == 0
+
+
 def test_embedding_from_head_follows_a_later_layout_change():
     """The fast backend switches the embedding before tuning, which may then move the head to the frag layout:
     the gather reads the head's layout at call time, so rows stay bit-identical."""

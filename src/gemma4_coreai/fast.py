@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels  # noqa: F401  (registers torch.ops.gemma4.*)
-from .backends import TorchBackend
+from .backends import TorchBackend, _BundleTensors
 from .errors import Gemma4Error
 from .kernels import (
     FRAG_VARIANTS,
@@ -122,20 +122,23 @@ def use_frag_layout(model: Gemma4Model) -> int:
     return count
 
 
-def embed_from_head(model: Gemma4Model, rows_per_check: int = 16384) -> bool:
+def embed_from_head(model: Gemma4Model, rows_per_check: int = 16384, table: torch.Tensor | None = None) -> bool:
     """If the int4 output head dequantizes to exactly the 16-bit token embedding (a QAT checkpoint: the embedding
     lies on the q4_0 lattice, so the head is its lossless copy), gather embedding rows from the head and free the
-    16-bit table (E4B: 1.34 GB). Checked row by row at load; returns whether it switched."""
-    head, table = model.lm_head, model.embed_tokens
+    16-bit table (E4B: 1.34 GB). Checked chunk by chunk at load; returns whether it switched. `table`: the table
+    when the model holds none yet (`FastCudaBackend.from_bundle` keeps it on the host; chunks are copied over)."""
+    head = model.lm_head
+    table = model.embed_tokens if table is None else table
     if head.q4 is None or table.shape != (head.out_features, head.in_features):
         return False
+    dev = head.q4.device
     for i in range(0, table.shape[0], rows_per_check):
-        ids = torch.arange(i, min(i + rows_per_check, table.shape[0]), device=table.device)
+        ids = torch.arange(i, min(i + rows_per_check, table.shape[0]), device=dev)
         rows = q4_rows(head.q4, head.scale, ids, table.dtype, _layout(head) == "frag")
-        if not torch.equal(rows, table[i:i + rows_per_check]):
+        if not torch.equal(rows, table[i:i + rows_per_check].to(dev)):
             return False
     dtype = table.dtype
-    model.embed_tokens = table.new_empty(0)
+    model.embed_tokens = torch.empty(0, dtype=dtype, device=dev)
 
     def embed(self: Gemma4Model, input_ids: torch.Tensor) -> torch.Tensor:
         head = self.lm_head
@@ -381,6 +384,19 @@ def _stack(parent: torch.nn.Module, parts: Sequence[Q4Linear]) -> None:
     parent.projections = types.MethodType(_stacked_projections, parent)
 
 
+EMBEDDING = "embed_tokens.weight"
+
+
+class _Without:
+    """A weights mapping with one tensor replaced by a stand-in (`from_bundle`: the embedding by an empty one)."""
+
+    def __init__(self, weights: Any, key: str, stand_in: torch.Tensor):
+        self._weights, self._key, self._stand_in = weights, key, stand_in
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._stand_in if key == self._key else self._weights[key]
+
+
 class FastCudaBackend:
     """Same API as TorchBackend (`prefill`, `decode`, `reset`, `max_context`, `position`) plus `greedy(n)`."""
 
@@ -388,14 +404,16 @@ class FastCudaBackend:
 
     def __init__(self, inner: TorchBackend, *, compile: bool = True, cuda_graph: bool = True, stack: bool = True,
                  sdpa: bool = True, frag: bool = True, compile_prefill: bool = True, pdl: bool | None = None,
-                 reduce: bool | None = None, decode_attention: str = "stock"):
+                 reduce: bool | None = None, decode_attention: str = "stock", embedding: torch.Tensor | None = None):
         """Wrap a TorchBackend built on CUDA in bf16 with linear_storage='packed' (see `from_bundle`); `stack`:
         apply `stack_projections` (one GEMV for q/k/v, one for gate/up); `sdpa`: fused attention in prefill;
         `frag`: the tensor-core GEMV where the CUDA kernel builds (`use_frag_layout`); `compile_prefill`: batched
         prefill through torch.compile too (with `compile`); `pdl`: programmatic dependent launch for the GEMVs and
         inductor's kernels on Hopper+ (default: on, GEMMA4_PDL=0 turns it off); `reduce`: GEMVs add their K slices
         in-kernel (default: on with the CUDA kernel, GEMMA4_GEMV_REDUCE=0 turns it off); `decode_attention`:
-        "stock" (model.py's attention in the decode step) or "triton" (`fused_decode_attention`, with `sdpa`)."""
+        "stock" (model.py's attention in the decode step) or "triton" (`fused_decode_attention`, with `sdpa`);
+        `embedding`: the 16-bit token embedding where `inner` was built without it (`from_bundle` keeps it on the
+        host, so the GPU never holds it beside the int4 head that usually replaces it)."""
         if decode_attention not in DECODE_ATTENTION:
             raise Gemma4Error(f"unknown decode attention {decode_attention!r}: expected one of "
                               f"{', '.join(DECODE_ATTENTION)}")
@@ -412,7 +430,9 @@ class FastCudaBackend:
         if stack:
             stack_projections(self.model)
         # Before tuning: the 16-bit table goes first, so tuning's temporary frag copies never coexist with it.
-        self.embed_from_head = embed_from_head(self.model)
+        self.embed_from_head = embed_from_head(self.model, table=embedding)
+        if not self.embed_from_head and embedding is not None:  # not a QAT embedding: the table is needed
+            self.model.embed_tokens = embedding.to(self.device)
         torch.cuda.empty_cache()
         t0 = time.perf_counter()
         frag = frag and inner.dtype == torch.bfloat16 and cuda_ext() is not None
@@ -457,12 +477,16 @@ class FastCudaBackend:
     @classmethod
     def from_bundle(cls, bundle: Any, *, max_context: int | None = None, ple_mode: str = "tbl",
                     device: str = "cuda", **kw: Any) -> FastCudaBackend:
-        """Load a bundle onto the GPU in bf16 with packed int4 linears; `kw`: the switches of `__init__`."""
+        """Load a bundle onto the GPU in bf16 with packed int4 linears; `kw`: the switches of `__init__`. The 16-bit
+        embedding stays on the host until `embed_from_head` has decided whether the int4 head replaces it."""
         if not torch.cuda.is_available():
             raise Gemma4Error("the fast path needs a CUDA GPU (use the stock torch backend on CPU)")
-        inner = TorchBackend.from_bundle(bundle, device=device, dtype=torch.bfloat16, ple_mode=ple_mode,
-                                         max_context=max_context or bundle.max_context, linear_storage="packed")
-        return cls(inner, **kw)
+        weights = _BundleTensors(bundle)
+        embedding = weights[EMBEDDING]
+        inner = TorchBackend(bundle.config, _Without(weights, EMBEDDING, embedding[:0]), bundle.ple_table(),
+                             bundle.ple_scale(), device=device, dtype=torch.bfloat16, ple_mode=ple_mode,
+                             max_context=max_context or bundle.max_context, linear_storage="packed")
+        return cls(inner, embedding=embedding, **kw)
 
     # -- the decode step (what the graph captures) and the batched prefill step --
     def _step(self, ids: torch.Tensor, pos: torch.Tensor, ple: torch.Tensor | None, kv_len: int) -> torch.Tensor:
