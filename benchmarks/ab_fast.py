@@ -4,7 +4,8 @@ step and peak memory for each configuration, a short table last.
     PYTHONPATH=src python benchmarks/ab_fast.py BUNDLE [--configs NAME:key=0|1,... ...] [--json OUT]
 
 Keys: pdl (programmatic dependent launch, GEMVs + inductor), reduce (in-kernel split-K sums), cprefill (compiled
-prefill), dattn (1: the Triton decode attention, 0: model.py's). A config with pdl=1 is also measured with the GEMVs'
+prefill), dattn (1: the Triton decode attention, 0: model.py's), regional (1: a compiled graph per layer kind, 0:
+the whole step as one graph). A config with pdl=1 is also measured with the GEMVs'
 PDL switched off after the fact ("gemv-pdl-off": the same compiled code and picks, graphs re-captured, greedy tokens
 checked equal), which separates the GEMVs' share of PDL from inductor's. Each config prints its per-kernel profile
 of one decode step and its GEMV picks, and the JSON is rewritten after each, so a time limit keeps what was done.
@@ -28,7 +29,8 @@ from gemma4_coreai import kernels  # noqa: E402
 from gemma4_coreai.bundle import Bundle  # noqa: E402
 from gemma4_coreai.fast import FastCudaBackend  # noqa: E402
 
-KEYS = {"pdl": "pdl", "reduce": "reduce", "cprefill": "compile_prefill", "dattn": "decode_attention"}
+KEYS = {"pdl": "pdl", "reduce": "reduce", "cprefill": "compile_prefill", "dattn": "decode_attention",
+        "regional": "compile"}
 
 
 def parse(spec: str) -> tuple[str, dict[str, bool]]:
@@ -36,7 +38,12 @@ def parse(spec: str) -> tuple[str, dict[str, bool]]:
     opts = {}
     for item in filter(None, kv.split(",")):
         k, _, v = item.partition("=")
-        opts[KEYS[k]] = ("triton" if v == "1" else "stock") if k == "dattn" else v == "1"
+        if k == "dattn":
+            opts[KEYS[k]] = "triton" if v == "1" else "stock"
+        elif k == "regional":
+            opts[KEYS[k]] = "regional" if v == "1" else True
+        else:
+            opts[KEYS[k]] = v == "1"
     return name, opts
 
 

@@ -196,8 +196,9 @@ def test_triton_dequant_exact(n, k):
 @pytest.mark.cuda
 @pytest.mark.parametrize("opts", [{"compile": False}, {"compile": True},
                                   {"compile": True, "pdl": False, "reduce": False, "compile_prefill": False},
-                                  {"compile": True, "decode_attention": "triton"}],
-                         ids=["eager", "compiled", "compiled-no-pdl-no-reduce", "compiled-triton-attention"])
+                                  {"compile": True, "decode_attention": "triton"}, {"compile": "regional"}],
+                         ids=["eager", "compiled", "compiled-no-pdl-no-reduce", "compiled-triton-attention",
+                              "regional"])
 def test_fast_decode_matches_stock(tiny_bundle, opts, monkeypatch):
     """Teacher-forced along the fp32 path's greedy tokens, the fast path's prefill and decode logits are as close
     to the fp32 stock path as the stock bf16 path is (bf16 tolerance), also for a prompt prefilled in pieces
@@ -585,6 +586,44 @@ def test_embedding_from_head_with_the_table_held_elsewhere():
     assert not embed_from_head(c, rows_per_check=100, table=off) and c.embed_tokens.numel() == 0
 
 
+def test_compile_layers_one_graph_per_layer_kind():
+    """Regional compilation (`compile_layers`, the fast path's compile="regional"), on CPU with the tiny model: the
+    compiled layers track the eager model over decode steps, and dynamo builds one graph per layer kind (sliding or
+    full, own or shared KV cache) for the one-token calls, not one per layer: the KV slot stays symbolic."""
+    from hf_reference import build_reference, tiny
+    from torch._dynamo.utils import counters
+
+    from gemma4_coreai.fast import compile_layers, scatter_kv_write, uncompile_layers
+    from gemma4_coreai.model import Gemma4Model, set_kv_write
+
+    ref = build_reference(tiny())
+
+    def build():
+        m = Gemma4Model(ref.cfg, ref.weights, ple_mode="tbl", max_context=48, linear_storage="packed",
+                        ple_table=ref.ple_table, ple_scale=ref.ple_scale).eval()
+        set_kv_write(m, scatter_kv_write)
+        return m
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, regional = build(), build()
+    step = compile_layers(regional)(lambda ids, pos, n: regional(ids, pos, kv_len=n))
+    ids = torch.randint(3, ref.cfg.vocab_size, (16,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for m in (eager, regional):
+            with torch.compiler.set_stance("force_eager"):  # the prompt eagerly: only one-token graphs get built
+                m(ids[None, :10], torch.tensor(0), kv_len=10)
+        for p in range(10, 16):
+            want = eager(ids[None, p:p + 1], torch.tensor(p), kv_len=p + 1)
+            got = step(ids[None, p:p + 1], torch.tensor(p), p + 1)
+            assert float((got - want).abs().max()) < 1e-3, p
+    kinds = {(spec.kind, spec.owns_kv) for spec in ref.cfg.layers}
+    assert len(kinds) > 1 and len(ref.cfg.layers) > len(kinds)
+    assert counters["stats"]["unique_graphs"] == len(kinds)
+    uncompile_layers(regional)
+    assert all(layer._compiled_call_impl is None for layer in regional.layers)
+
+
 def test_embedding_from_head_follows_a_later_layout_change():
     """The fast backend switches the embedding before tuning, which may then move the head to the frag layout:
     the gather reads the head's layout at call time, so rows stay bit-identical."""
@@ -769,7 +808,7 @@ def test_gpu_dequant_exact(n, k):
                 assert torch.equal(K.q4_dequant(*K.to_frag_layout(q4, dd), dt, frag=True), want), (sdt, dt)
 
 
-def test_fast_backend_refuses_bad_switches(tiny_bundle):
+def test_fast_backend_refuses_bad_switches(tiny_bundle, monkeypatch):
     """One clear line for a switch the fast path does not know, and for an inner backend it cannot wrap (checked
     before anything is loaded onto a GPU)."""
     from gemma4_coreai.backends import TorchBackend
@@ -780,5 +819,11 @@ def test_fast_backend_refuses_bad_switches(tiny_bundle):
     inner = TorchBackend.from_bundle(Bundle.open(tiny_bundle), device="cpu", max_context=32, linear_storage="packed")
     with pytest.raises(Gemma4Error, match="unknown decode attention 'flash': expected one of stock, triton"):
         FastCudaBackend(inner, decode_attention="flash")
+    with pytest.raises(Gemma4Error, match="unknown compile mode 'layers': expected True, False or 'regional'"):
+        FastCudaBackend(inner, compile="layers")
+    monkeypatch.setenv("GEMMA4_COMPILE", "per-layer")  # the environment's choice is checked the same way
+    with pytest.raises(Gemma4Error, match="unknown compile mode 'per-layer'"):
+        FastCudaBackend(inner)
+    monkeypatch.delenv("GEMMA4_COMPILE")
     with pytest.raises(Gemma4Error, match="needs a CUDA torch backend"):
         FastCudaBackend(inner)
