@@ -620,6 +620,10 @@ def test_compile_layers_one_graph_per_layer_kind():
     kinds = {(spec.kind, spec.owns_kv) for spec in ref.cfg.layers}
     assert len(kinds) > 1 and len(ref.cfg.layers) > len(kinds)
     assert counters["stats"]["unique_graphs"] == len(kinds)
+    # outside the wrapper (verify's forward_all, the eager prefill) the fast path forces eager: no graph per layer
+    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+        regional(ids[None, :12], torch.tensor(0), kv_len=12)
+    assert counters["stats"]["unique_graphs"] == len(kinds)
     uncompile_layers(regional)
     assert all(layer._compiled_call_impl is None for layer in regional.layers)
 

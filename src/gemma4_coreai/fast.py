@@ -573,8 +573,7 @@ class FastCudaBackend:
                         raise
                     warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                                   "falling back to eager CUDA graphs", stacklevel=2)
-                    self._step_fn, self.use_compile = self._step, False
-                    uncompile_layers(self.model)
+                    self._give_up_compile("decode")
         torch.cuda.current_stream().wait_stream(s)
         torch.cuda.synchronize()
         if self._pool is None:
@@ -620,6 +619,16 @@ class FastCudaBackend:
                          ", embedding from the int4 head" if self.embed_from_head else ""))
         return f"fast cuda bf16 {self.ple_mode} ({gemv} int4 GEMV, {how}{extra}, max context {self.max_context})"
 
+    def _give_up_compile(self, what: str) -> None:
+        """After a compiler failure in `what` ("decode" or "prefill"), that one runs eagerly from now on; in regional
+        mode both do, since they share the compiled layers."""
+        if what == "decode" or self.regional:
+            self._step_fn, self.use_compile = self._step, False
+        if what == "prefill" or self.regional:
+            self._prefill_fn = None
+        if self.regional:
+            uncompile_layers(self.model)
+
     def reset(self) -> None:
         self._position = 0
         self.inner.reset()
@@ -627,7 +636,8 @@ class FastCudaBackend:
     def forward_all(self, ids: Sequence[int]) -> torch.Tensor:
         """Teacher-forced logits [S, V] (restarts; the batched prefill path)."""
         self._position = 0
-        out = self.inner.forward_all(ids)
+        with torch.compiler.set_stance("force_eager"):  # regional mode: its compiled layers, eagerly
+            out = self.inner.forward_all(ids)
         self._position = self.inner.position
         return out
 
@@ -647,7 +657,8 @@ class FastCudaBackend:
         b = self.inner
         b._position = self._position
         if self._prefill_fn is None:
-            logits = b.prefill(ids)
+            with torch.compiler.set_stance("force_eager"):  # regional mode: its compiled layers, eagerly
+                logits = b.prefill(ids)
             self._position = b.position
             return logits
         ids = b._check(ids)
@@ -662,9 +673,9 @@ class FastCudaBackend:
             except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
                 warnings.warn(f"torch.compile of the prefill failed ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); prefilling eagerly", stacklevel=3)
-                self._prefill_fn = None
-                uncompile_layers(self.model)
-                logits = b.prefill(ids)
+                self._give_up_compile("prefill")
+                with torch.compiler.set_stance("force_eager"):
+                    logits = b.prefill(ids)
         self._position = start + len(ids)
         return logits
 
