@@ -150,9 +150,11 @@ def _decode_synced(eager, compiled, ids: list[int], toks: list[int]) -> tuple[to
     return torch.stack(got), torch.stack(want)
 
 
-def test_compiled_decode_matches_eager():
-    """The cpu-int4 engine's compiled step (q8 activations; cpu-int4-f32 differs only in the op's mode argument)
-    against its eager step: 12 one-token steps from position 3, across the sliding window (4), each from the same
+@pytest.mark.parametrize("mode", [True, "regional"])
+def test_compiled_decode_matches_eager(mode):
+    """The cpu-int4 engine's compiled step (q8 activations; cpu-int4-f32 differs only in the op's mode argument),
+    whole or per layer (regional), against its eager step: 12 one-token steps from position 3, across the sliding
+    window (4), each from the same
     KV-cache state. Within fp32 fusion rounding, except where inductor's 1-ulp differences move an activation
     across an int8 rounding boundary (one quantization level, visible in the logits): such steps must be rare and
     stay within the q8 rounding scale. Then the greedy tokens (prompt past the window, 32 tokens) agree with the
@@ -162,8 +164,9 @@ def test_compiled_decode_matches_eager():
     ref = mini_reference()
     ids, toks = tm.prompt(ref, seed=3)[:3], tm.prompt(ref, seed=4)[:12]
     eager = tm.backend(ref, linear_strategy="cpu-int4")
-    compiled = tm.backend(ref, linear_strategy="cpu-int4", compile=True)
+    compiled = tm.backend(ref, linear_strategy="cpu-int4", compile=mode)
     assert "compiled decode" in compiled.describe() and "compiled" not in eager.describe()
+    assert ("per layer" in compiled.describe()) == (mode == "regional")
     got, want = _decode_synced(eager, compiled, ids, toks)
     assert compiled._step is not None  # no fallback to eager happened
     diff = (got - want).abs().amax(-1)

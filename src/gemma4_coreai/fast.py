@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels  # noqa: F401  (registers torch.ops.gemma4.*)
-from .backends import TorchBackend, _BundleTensors
+from .backends import TorchBackend, _BundleTensors, _compile_mode, compile_layers, uncompile_layers
 from .errors import Gemma4Error
 from .kernels import (
     FRAG_VARIANTS,
@@ -384,37 +384,6 @@ def _stack(parent: torch.nn.Module, parts: Sequence[Q4Linear]) -> None:
     parent.projections = types.MethodType(_stacked_projections, parent)
 
 
-# While dynamo traces a compiled layer: its integer attributes (the KV slot) symbolic, so that the layers of one
-# kind share a graph; room for a graph per layer kind and per one-token / many-token call.
-_REGIONAL_DYNAMO = {"allow_unspec_int_on_nn_module": True, "recompile_limit": 64, "cache_size_limit": 64}
-
-
-def compile_layers(model: Gemma4Model, options: dict[str, Any] | None = None) -> Any:
-    """Regional compilation: every decoder layer through torch.compile instead of the whole step as one graph.
-    The layers of one kind (sliding or full attention, own or shared KV cache) share a graph, one for one-token
-    calls and one for many, so E4B compiles ~8 small graphs instead of one of 42 layers (on CPU 36 s instead of
-    227 s; NOTES.md). Fusion across a layer boundary is given up. Returns `traced(fn)`: wraps the functions that
-    call the model, because dynamo must see the layers' integer attributes as symbolic while it traces them."""
-    for layer in model.layers:
-        layer.compile(fullgraph=True, dynamic=True, options=options)
-    patch = {k: v for k, v in _REGIONAL_DYNAMO.items() if hasattr(torch._dynamo.config, k)}
-
-    def traced(fn: Any) -> Any:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            with torch._dynamo.config.patch(**patch):
-                return fn(*args, **kwargs)
-
-        return run
-
-    return traced
-
-
-def uncompile_layers(model: Gemma4Model) -> None:
-    """Undo `compile_layers` (the eager fallback after a compiler failure)."""
-    for layer in model.layers:
-        layer._compiled_call_impl = None
-
-
 EMBEDDING = "embed_tokens.weight"
 
 
@@ -450,11 +419,7 @@ class FastCudaBackend:
         if decode_attention not in DECODE_ATTENTION:
             raise Gemma4Error(f"unknown decode attention {decode_attention!r}: expected one of "
                               f"{', '.join(DECODE_ATTENTION)}")
-        if compile is True and os.environ.get("GEMMA4_COMPILE"):
-            compile = os.environ["GEMMA4_COMPILE"]
-        if compile not in (True, False, "regional"):
-            raise Gemma4Error(f"unknown compile mode {compile!r}: expected True, False or 'regional' "
-                              "(GEMMA4_COMPILE=regional)")
+        compile = _compile_mode(compile)
         if inner.device.type != "cuda" or inner.model.lm_head.storage != "packed":
             raise Gemma4Error("the fast path needs a CUDA torch backend with packed int4 linears")
         self.inner = inner
