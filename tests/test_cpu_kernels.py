@@ -203,3 +203,19 @@ def test_compile_needs_the_native_kernel():
 
     with pytest.raises(Gemma4Error, match="compile"):
         tm.backend(mini_reference(), compile=True)
+
+
+def test_unknown_compile_mode_is_refused(monkeypatch):
+    """A compile mode it does not know, given directly or through GEMMA4_COMPILE, is one clear line, before any
+    compiling; GEMMA4_COMPILE does not turn compiling on where it was off."""
+    import test_model as tm
+
+    from gemma4_coreai.errors import Gemma4Error
+
+    with pytest.raises(Gemma4Error, match="unknown compile mode 'fast': expected True, False or 'regional'"):
+        tm.backend(mini_reference(), linear_strategy="cpu-int4", compile="fast")
+    monkeypatch.setenv("GEMMA4_COMPILE", "layers")
+    with pytest.raises(Gemma4Error, match="unknown compile mode 'layers'"):
+        tm.backend(mini_reference(), linear_strategy="cpu-int4", compile=True)
+    monkeypatch.setenv("GEMMA4_COMPILE", "regional")
+    assert tm.backend(mini_reference(), linear_strategy="cpu-int4")._step is None

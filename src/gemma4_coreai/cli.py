@@ -141,8 +141,8 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                         "approximate); cpu-int4-f32 = the same kernel with fp32 activations (exact)")
     g.add_argument("--compile", action="store_true",
                    help="torch cpu with --linear cpu-int4[-f32]: compile the one-token decode step with "
-                        "torch.compile (E4B on 2 cores: 8.7 instead of 6.5 tok/s, after ~2 minutes of compiling at "
-                        "the first decode step)")
+                        "torch.compile (E4B on 2 cores: ~9 instead of 6.5 tok/s, after 2-4 minutes of compiling at "
+                        "the first decode step; with GEMMA4_COMPILE=regional about 1 minute, for ~7.7 tok/s)")
     g.add_argument("--export", type=Path, default=None, metavar="OUT",
                    help="with --backend coreai: the export-coreai output directory")
 
@@ -159,13 +159,14 @@ def _backend(args: argparse.Namespace, bundle):
         backend = load_backend(bundle, "fast", device=args.device, dtype=args.dtype, ple_mode=args.ple_mode,
                                linear_strategy=args.linear)
         print("gemma4-coreai: the first prefill and the first decode step compile the model (2-4 minutes for E4B; "
-              "torch caches the result for later runs)", file=sys.stderr)
+              "later runs reuse torch's cache; GEMMA4_COMPILE=regional compiles per kind of layer, faster)",
+              file=sys.stderr)
         return backend
     backend = load_backend(bundle, "torch", device=args.device or "cpu", dtype=args.dtype, ple_mode=args.ple_mode,
                            linear_strategy=args.linear, compile=args.compile)
     if args.compile:
-        print("gemma4-coreai: the first decode step compiles the model (about 2 minutes for E4B on 2 cores)",
-              file=sys.stderr)
+        print("gemma4-coreai: the first decode step compiles the model (2-4 minutes for E4B on 2 cores; "
+              "GEMMA4_COMPILE=regional: about 1 minute, a slower step)", file=sys.stderr)
     return backend
 
 
