@@ -329,7 +329,9 @@ class TorchBackend:
         if self._step is not None and len(ids) == 1:
             logits = self._compiled_step(x, pos, self._ple_rows(ids), start + 1)
         else:
-            with torch.compiler.set_stance("force_eager"):  # regional mode: its compiled layers, eagerly
+            # many tokens run eagerly, also where the layers are compiled (regional mode: their one-token graphs only;
+            # the fast path's eager prefill and verify come through here too)
+            with torch.compiler.set_stance("force_eager"):
                 logits = self.model(x, pos, self._ple_rows(ids), kv_len=start + len(ids), last_only=last_only)
         self._position = start + len(ids)
         return logits[0]

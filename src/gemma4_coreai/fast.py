@@ -212,11 +212,10 @@ def tune_gemv(model: Gemma4Model, x_dtype: torch.dtype = torch.bfloat16, frag: b
     layout where a tensor-core variant won (`frag`: allow that). One entry per (N, K): {"pick": (variant, split),
     "layout", "us", "tried" (0: taken from `cache`), "reduce"}. GEMMA4_GEMV_TUNE=0 skips the timing: the default
     CUDA-core kernel everywhere. Views (parts of stacked projections) are not called by the fast path and are
-    skipped. `timer(calls, key)`
-    (tests) replaces the CUDA-graph timing; key = (N, K, variant, split, layout). `reduce`: every pick (and every
-    timed candidate) adds its K slices in the kernel (variant | GEMV_REDUCE; CUDA kernel only). `cache`: picks of
-    earlier timings on the same GPU and code (`GemvTuningCache`), used instead of timing where they are still
-    candidates; new picks are added to it."""
+    skipped. `timer(calls, key)` (tests) replaces the CUDA-graph timing; key = (N, K, variant, split, layout).
+    `reduce`: every pick (and every timed candidate) adds its K slices in the kernel (variant | GEMV_REDUCE; CUDA
+    kernel only). `cache`: picks of earlier timings on the same GPU and code (`GemvTuningCache`), used instead of
+    timing where they are still candidates; new picks are added to it."""
     timer = timer or (lambda calls, key: _graph_us(calls))
 
     groups: dict[tuple[int, int], list[Q4Linear]] = {}
@@ -601,8 +600,7 @@ class FastCudaBackend:
     def forward_all(self, ids: Sequence[int]) -> torch.Tensor:
         """Teacher-forced logits [S, V] (restarts; the batched prefill path)."""
         self._position = 0
-        with torch.compiler.set_stance("force_eager"):  # regional mode: its compiled layers, eagerly
-            out = self.inner.forward_all(ids)
+        out = self.inner.forward_all(ids)  # many tokens: eager layers in regional mode too (TorchBackend._forward)
         self._position = self.inner.position
         return out
 
@@ -622,8 +620,7 @@ class FastCudaBackend:
         b = self.inner
         b._position = self._position
         if self._prefill_fn is None:
-            with torch.compiler.set_stance("force_eager"):  # regional mode: its compiled layers, eagerly
-                logits = b.prefill(ids)
+            logits = b.prefill(ids)  # eager layers in regional mode too (TorchBackend._forward)
             self._position = b.position
             return logits
         ids = b._check(ids)
@@ -639,8 +636,7 @@ class FastCudaBackend:
                 warnings.warn(f"torch.compile of the prefill failed ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); prefilling eagerly", stacklevel=3)
                 self._give_up_compile("prefill")
-                with torch.compiler.set_stance("force_eager"):
-                    logits = b.prefill(ids)
+                logits = b.prefill(ids)
         self._position = start + len(ids)
         return logits
 
