@@ -5,7 +5,9 @@ step and peak memory for each configuration, a short table last.
 
 Keys: pdl (programmatic dependent launch, GEMVs + inductor), reduce (in-kernel split-K sums), cprefill (compiled
 prefill), dattn (1: the Triton decode attention, 0: model.py's), regional (1: a compiled graph per layer kind, 0:
-the whole step as one graph). A config with pdl=1 is also measured with the GEMVs'
+the whole step as one graph), mk (inductor's multi_kernel: reductions up to 16x longer may be persistent, the
+faster variant picked at run time), cdt (inductor's coordinate-descent tuning of its kernels' launch configs).
+`--quick`: decode only (no prefill timings, no PDL-off re-capture). A config with pdl=1 is also measured with the GEMVs'
 PDL switched off after the fact ("gemv-pdl-off": the same compiled code and picks, graphs re-captured, greedy tokens
 checked equal), which separates the GEMVs' share of PDL from inductor's. Each config prints its per-kernel profile
 of one decode step and its GEMV picks, and the JSON is rewritten after each, so a time limit keeps what was done.
@@ -31,20 +33,38 @@ from gemma4_coreai.fast import FastCudaBackend  # noqa: E402
 
 KEYS = {"pdl": "pdl", "reduce": "reduce", "cprefill": "compile_prefill", "dattn": "decode_attention",
         "regional": "compile"}
+INDUCTOR = {"mk": "triton.multi_kernel", "cdt": "coordinate_descent_tuning"}  # global inductor config, per config
 
 
-def parse(spec: str) -> tuple[str, dict[str, bool]]:
+def parse(spec: str) -> tuple[str, dict[str, bool], dict[str, int]]:
     name, _, kv = spec.partition(":")
-    opts = {}
+    opts, inductor = {}, {}
     for item in filter(None, kv.split(",")):
         k, _, v = item.partition("=")
-        if k == "dattn":
+        if k in INDUCTOR:
+            inductor[INDUCTOR[k]] = int(v)
+        elif k == "dattn":
             opts[KEYS[k]] = "triton" if v == "1" else "stock"
         elif k == "regional":
             opts[KEYS[k]] = "regional" if v == "1" else True
         else:
             opts[KEYS[k]] = v == "1"
-    return name, opts
+    return name, opts, inductor
+
+
+def set_inductor(values: dict[str, int]) -> dict[str, object]:
+    """Set inductor config entries ("a.b" paths); returns the old values."""
+    import torch._inductor.config as cfg
+
+    old = {}
+    for path, v in values.items():
+        *parents, leaf = path.split(".")
+        obj = cfg
+        for part in parents:
+            obj = getattr(obj, part)
+        old[path] = getattr(obj, leaf)
+        setattr(obj, leaf, type(old[path])(v))
+    return old
 
 
 def decode_ms(fb: FastCudaBackend, ids: list[int], steps: int = 200) -> float:
@@ -65,7 +85,7 @@ def tokens(fb: FastCudaBackend, ids: list[int], n: int = 32) -> list[int]:
     return fb.greedy(int(fb.prefill(ids).argmax()), n)
 
 
-def measure(fb: FastCudaBackend, ids: list[int], context: int, long: int) -> dict:
+def measure(fb: FastCudaBackend, ids: list[int], context: int, long: int, quick: bool = False) -> dict:
     t0 = time.perf_counter()
     fb.reset()
     fb.greedy(int(fb.prefill(ids[:context]).argmax()), 4)
@@ -76,7 +96,7 @@ def measure(fb: FastCudaBackend, ids: list[int], context: int, long: int) -> dic
     row.update(kernels_per_step=n, kernel_ms=round(busy, 3), top_kernels=top)
     for name, c, t in top:  # the per-kernel profile of one step, by total time
         print(f"   {t:8.3f} ms {c:5d}x  {name}")
-    for plen in (128, long):
+    for plen in () if quick else (128, long):
         torch.cuda.reset_peak_memory_stats()
         row[f"prefill{plen}_ms"] = prefill_ms(fb, ids[:plen])
         row[f"peak{plen}_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -92,6 +112,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--long", type=int, default=4096)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--quick", action="store_true", help="decode only: no prefill timings, no PDL-off re-capture")
     args = ap.parse_args()
     b = Bundle.open(args.bundle)
     first_tokens: list[int] | None = None
@@ -99,19 +120,23 @@ def main() -> int:
                         generator=torch.Generator().manual_seed(0)).tolist()
     rows = {}
     for spec in args.configs:
-        name, opts = parse(spec)
+        name, opts, inductor = parse(spec)
+        old_inductor = set_inductor(inductor)
         fb = FastCudaBackend.from_bundle(b, max_context=min(b.max_context, args.long + 512), **opts)
         print(f"{name}: {fb.describe()} (tune {fb.tune_s:.1f} s)", flush=True)
         for r in fb.gemv_report():
             us = r["us"] or float("nan")
             print(f"   gemv N={r['N']:>6} K={r['K']:>5}: {r['kernel']:<10} split {r['split']:>2} {us:6.1f} us")
-        rows[name] = measure(fb, ids, args.context, args.long)
+        rows[name] = measure(fb, ids, args.context, args.long, args.quick)
         rows[name]["gemv"] = fb.gemv_report()
         want = tokens(fb, ids[:args.context])
+        rows[name]["tokens"] = want  # greedy tokens after the context, to compare across processes
         rows[name]["tokens_match_first"] = sum(a == b for a, b in zip(want, first_tokens or want, strict=True))
         first_tokens = first_tokens or want
-        print(f"{name}: { {k: v for k, v in rows[name].items() if k not in ('top_kernels', 'gemv')} }", flush=True)
-        if fb.pdl:  # the same compiled code with the GEMVs' PDL off: graphs re-captured, the math unchanged
+        shown = {k: v for k, v in rows[name].items() if k not in ("top_kernels", "gemv", "tokens")}
+        print(f"{name}: {shown}", flush=True)
+        # the same compiled code with the GEMVs' PDL off: graphs re-captured, the math unchanged
+        if fb.pdl and not args.quick:
             kernels.set_pdl(False)
             fb._graphs.clear()
             fb._pool = None  # a fresh pool: torch refuses to capture into one whose graphs were all freed
@@ -122,6 +147,10 @@ def main() -> int:
         if args.json:  # after every configuration: a time limit keeps what was measured
             args.json.write_text(json.dumps(rows, indent=1))
         del fb
+        set_inductor(old_inductor)
+        # dynamo's cache is keyed on the step's code and guards on object ids, not on inductor's config: without
+        # a reset, a later config whose guards pass (a new backend at a freed one's address) reuses this graph
+        torch._dynamo.reset()
         gc.collect()
         torch.cuda.empty_cache()
     cols = ["decode_ms", "kernels_per_step", "kernel_ms", "prefill128_ms", f"prefill{args.long}_ms",

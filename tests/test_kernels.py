@@ -196,8 +196,8 @@ def test_triton_dequant_exact(n, k):
 @pytest.mark.cuda
 @pytest.mark.parametrize("opts", [{"compile": False}, {"compile": True},
                                   {"compile": True, "pdl": False, "reduce": False, "compile_prefill": False},
-                                  {"compile": True, "decode_attention": "triton"}, {"compile": "regional"}],
-                         ids=["eager", "compiled", "compiled-no-pdl-no-reduce", "compiled-triton-attention",
+                                  {"compile": True, "decode_attention": "stock"}, {"compile": "regional"}],
+                         ids=["eager", "compiled", "compiled-no-pdl-no-reduce", "compiled-stock-attention",
                               "regional"])
 def test_fast_decode_matches_stock(tiny_bundle, opts, monkeypatch):
     """Teacher-forced along the fp32 path's greedy tokens, the fast path's prefill and decode logits are as close
@@ -823,6 +823,10 @@ def test_fast_backend_refuses_bad_switches(tiny_bundle, monkeypatch):
     inner = TorchBackend.from_bundle(Bundle.open(tiny_bundle), device="cpu", max_context=32, linear_storage="packed")
     with pytest.raises(Gemma4Error, match="unknown decode attention 'flash': expected one of stock, triton"):
         FastCudaBackend(inner, decode_attention="flash")
+    monkeypatch.setenv("GEMMA4_DECODE_ATTENTION", "paged")
+    with pytest.raises(Gemma4Error, match="unknown decode attention 'paged'"):
+        FastCudaBackend(inner)
+    monkeypatch.delenv("GEMMA4_DECODE_ATTENTION")
     with pytest.raises(Gemma4Error, match="unknown compile mode 'layers': expected True, False or 'regional'"):
         FastCudaBackend(inner, compile="layers")
     monkeypatch.setenv("GEMMA4_COMPILE", "per-layer")  # the environment's choice is checked the same way

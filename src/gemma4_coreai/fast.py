@@ -8,8 +8,10 @@
   epilogue (`GEMV_REDUCE`) or by whichever fused kernel reads the partials), its variant and K split picked per
   shape by timing the candidates on the model's own weights at load (`tune_gemv`); several tokens (prefill) ->
   dequantize to bf16 with a CUDA kernel, then a tensor-core GEMM (cuBLAS through F.linear).
-- Attention strategy (`sdpa_attention`): prefill through one fused SDPA kernel; decode keeps model.py's.
-- Decode step: `torch.compile` (inductor fuses the norms, RoPE, masks and softmax between the GEMVs), then one
+- Attention strategy (`fused_decode_attention`): prefill through one fused SDPA kernel; decode through a Triton
+  split-KV kernel pair reading the cache in place (`sdpa_attention` keeps model.py's for decode: "stock").
+- Decode step: `torch.compile` (inductor fuses the norms, RoPE, masks and softmax between the GEMVs; its
+  multi-kernel mode lets the 2560-wide RMSNorm reductions run persistent, see `inductor_options`), then one
   CUDA graph per KV-length bucket, replayed with no host synchronisation inside a step. The graph also takes
   the greedy argmax and advances the device-side token and position, so `greedy(n)` queues n steps and
   synchronises once. On Hopper every kernel of the step launches with programmatic dependent launch (the GEMVs
@@ -157,12 +159,21 @@ def _tuning_header(device: torch.device, pdl: bool) -> str:
     return f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | kernel {kernel} | pdl {int(pdl)}"
 
 
-def inductor_options(pdl: bool) -> dict[str, Any]:
+def inductor_options(pdl: bool, decode: bool = False) -> dict[str, Any]:
     """torch.compile options of the fast path's steps: programmatic dependent launch for inductor's Triton kernels
-    where this torch has it (each kernel waits for its producer inside, so its launch overlaps the previous one)."""
+    where this torch has it (each kernel waits for its producer inside, so its launch overlaps the previous one);
+    for the decode step also multi-kernel mode, which lets reductions up to 16x inductor's usual limit (1024) be
+    persistent, with the looped version kept and the faster one picked on the first run. The decode step's
+    RMSNorms over 2560 values are otherwise loops that re-read their input (H200: decode 2-5% faster, RESULTS.md;
+    not used for prefill, where it measured no better)."""
     import torch._inductor.config as inductor_config
 
-    return {"triton.enable_pdl": True} if pdl and hasattr(inductor_config.triton, "enable_pdl") else {}
+    options: dict[str, Any] = {}
+    if pdl and hasattr(inductor_config.triton, "enable_pdl"):
+        options["triton.enable_pdl"] = True
+    if decode and hasattr(inductor_config.triton, "multi_kernel"):
+        options["triton.multi_kernel"] = 1
+    return options
 
 
 def _graph_us(calls: Sequence[Any], rounds: int = 3) -> float:
@@ -322,7 +333,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: t
 
 def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            allowed: torch.Tensor) -> torch.Tensor:
-    """Opt-in attention strategy (`FastCudaBackend(decode_attention="triton")`): prefill as `sdpa_attention`; one
+    """The fast path's attention strategy (`FastCudaBackend(decode_attention="triton")`, the default): prefill as
+    `sdpa_attention`; one
     query row through `torch.ops.gemma4.decode_attention` (two Triton kernels, split-KV flash decoding reading the
     cache views in place) instead of two cuBLAS GEMMs, a mask and a softmax. Same contract as `attention`."""
     if q.shape[2] != 1:
@@ -403,7 +415,8 @@ class FastCudaBackend:
 
     def __init__(self, inner: TorchBackend, *, compile: bool | str = True, cuda_graph: bool = True, stack: bool = True,
                  sdpa: bool = True, frag: bool = True, compile_prefill: bool = True, pdl: bool | None = None,
-                 reduce: bool | None = None, decode_attention: str = "stock", embedding: torch.Tensor | None = None):
+                 reduce: bool | None = None, decode_attention: str | None = None,
+                 embedding: torch.Tensor | None = None):
         """Wrap a TorchBackend built on CUDA in bf16 with linear_storage='packed' (see `from_bundle`); `compile`:
         True (the whole step as one graph; GEMMA4_COMPILE=regional makes it "regional"), "regional"
         (`compile_layers`: a graph per layer kind, compiled several times faster) or False (eager); `stack`:
@@ -412,12 +425,15 @@ class FastCudaBackend:
         prefill through torch.compile too (with `compile`); `pdl`: programmatic dependent launch for the GEMVs and
         inductor's kernels on Hopper+ (default: on, GEMMA4_PDL=0 turns it off); `reduce`: GEMVs add their K slices
         in-kernel (default: on with the CUDA kernel, GEMMA4_GEMV_REDUCE=0 turns it off); `decode_attention`:
-        "stock" (model.py's attention in the decode step) or "triton" (`fused_decode_attention`, with `sdpa`);
-        `embedding`: the 16-bit token embedding where `inner` was built without it (`from_bundle` keeps it on the
-        host, so the GPU never holds it beside the int4 head that usually replaces it)."""
+        "stock" (model.py's attention in the decode step) or "triton" (`fused_decode_attention`, with `sdpa`;
+        default: GEMMA4_DECODE_ATTENTION, else "triton"); `embedding`: the 16-bit token embedding where `inner` was
+        built without it (`from_bundle` keeps it on the host, so the GPU never holds it beside the int4 head that
+        usually replaces it)."""
+        if decode_attention is None:
+            decode_attention = os.environ.get("GEMMA4_DECODE_ATTENTION", "triton")
         if decode_attention not in DECODE_ATTENTION:
             raise Gemma4Error(f"unknown decode attention {decode_attention!r}: expected one of "
-                              f"{', '.join(DECODE_ATTENTION)}")
+                              f"{', '.join(DECODE_ATTENTION)} (GEMMA4_DECODE_ATTENTION)")
         compile = _compile_mode(compile)
         if inner.device.type != "cuda" or inner.model.lm_head.storage != "packed":
             raise Gemma4Error("the fast path needs a CUDA torch backend with packed int4 linears")
@@ -475,7 +491,8 @@ class FastCudaBackend:
             self._step_fn = traced(self._step)
             self._prefill_fn = traced(self._prefill_step) if compile_prefill else None
         elif compile:
-            self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=True, options=options)
+            self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=True,
+                                          options=inductor_options(self.pdl, decode=True))
             self._prefill_fn = (torch.compile(self._prefill_step, dynamic=True, options=options)
                                 if compile_prefill else None)
         else:
