@@ -334,9 +334,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: t
 def fused_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            allowed: torch.Tensor) -> torch.Tensor:
     """The fast path's attention strategy (`FastCudaBackend(decode_attention="triton")`, the default): prefill as
-    `sdpa_attention`; one
-    query row through `torch.ops.gemma4.decode_attention` (two Triton kernels, split-KV flash decoding reading the
-    cache views in place) instead of two cuBLAS GEMMs, a mask and a softmax. Same contract as `attention`."""
+    `sdpa_attention`; one query row through `torch.ops.gemma4.decode_attention` (two Triton kernels, split-KV flash
+    decoding reading the cache views in place) instead of two cuBLAS GEMMs, a mask and a softmax. Same contract as
+    `attention`."""
     if q.shape[2] != 1:
         return sdpa_attention(q, k, v, allowed)
     return torch.ops.gemma4.decode_attention(q, k, v, allowed)
