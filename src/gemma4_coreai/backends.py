@@ -7,6 +7,7 @@ a resident buffer gathered in-graph.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -42,14 +43,18 @@ _REGIONAL_DYNAMO = {"allow_unspec_int_on_nn_module": True, "recompile_limit": 64
 
 def _compile_mode(compile: bool | str) -> bool | str:
     """True / False / "regional"; True becomes what GEMMA4_COMPILE says when it is set."""
-    import os
-
     if compile is True and os.environ.get("GEMMA4_COMPILE"):
         compile = os.environ["GEMMA4_COMPILE"]
     if compile not in (True, False, "regional"):
         raise Gemma4Error(f"unknown compile mode {compile!r}: expected True, False or 'regional' "
                           "(GEMMA4_COMPILE=regional)")
     return compile
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one short line for a warning: its type and the first line of its message."""
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[0][:200]}" if msg else type(e).__name__
 
 
 def compile_layers(model: Gemma4Model, options: dict[str, Any] | None = None) -> Any:
@@ -341,8 +346,7 @@ class TorchBackend:
         try:
             return self._step(x, pos, ple, kv_len)
         except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            warnings.warn(f"gemma4-coreai: torch.compile of the decode step failed ({type(e).__name__}: {msg}); "
+            warnings.warn(f"gemma4-coreai: torch.compile of the decode step failed ({error_line(e)}); "
                           f"decoding eagerly", RuntimeWarning, stacklevel=3)
             self._step = None
             uncompile_layers(self.model)

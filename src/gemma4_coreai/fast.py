@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels  # noqa: F401  (registers torch.ops.gemma4.*)
-from .backends import TorchBackend, _BundleTensors, _compile_mode, compile_layers, uncompile_layers
+from .backends import TorchBackend, _BundleTensors, _compile_mode, compile_layers, error_line, uncompile_layers
 from .errors import Gemma4Error
 from .kernels import (
     FRAG_VARIANTS,
@@ -552,8 +552,8 @@ class FastCudaBackend:
                 except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
                     if self._step_fn is self._step:
                         raise
-                    warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                                  "falling back to eager CUDA graphs", stacklevel=2)
+                    warnings.warn(f"torch.compile failed ({error_line(e)}); falling back to eager CUDA graphs",
+                                  stacklevel=2)
                     self._give_up_compile("decode")
         torch.cuda.current_stream().wait_stream(s)
         torch.cuda.synchronize()
@@ -650,8 +650,8 @@ class FastCudaBackend:
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
-                warnings.warn(f"torch.compile of the prefill failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); prefilling eagerly", stacklevel=3)
+                warnings.warn(f"torch.compile of the prefill failed ({error_line(e)}); prefilling eagerly",
+                              stacklevel=3)
                 self._give_up_compile("prefill")
                 logits = b.prefill(ids)
         self._position = start + len(ids)
