@@ -156,6 +156,29 @@ def test_prefill_runs_kv_shared_layers_on_last_position_only(name: str) -> None:
     assert torch.equal(full.decode(int(one.argmax())), last.decode(int(one.argmax())))
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_padded_prefill_with_last_index(name: str) -> None:
+    """A prompt padded at the end (token 0) with `last_index` on its last real token gives that token's logits,
+    and decoding on from there matches an unpadded prefill: the padding's K/V lands in cache slots that each later
+    step overwrites before reading them (what the fast path's prefill graphs rely on)."""
+    ref = reference(name)
+    ids, length = prompt(ref)[:13], 16
+    plain, padded = backend(ref), backend(ref)
+    want = plain.prefill(ids)
+    full = ids + [0] * (length - len(ids))
+    with torch.inference_mode():
+        got = padded.model(torch.tensor([full]), torch.tensor(0), padded._ple_rows(full), kv_len=length,
+                           last_only=True, last_index=torch.tensor(len(ids) - 1))[0, -1]
+    padded._position = len(ids)
+    assert float((got - want).abs().max()) <= 1e-4
+    assert not torch.equal(padded.model.k_cache, plain.model.k_cache)  # the padding did write K/V
+    tok = int(want.argmax())
+    for _ in range(8):  # past the sliding window
+        a, b = plain.decode(tok), padded.decode(tok)
+        assert float((a - b).abs().max()) <= 1e-4
+        tok = int(a.argmax())
+
+
 # ---- storage modes and linear strategies ------------------------------------------------------------------
 
 def test_linear_storage_modes_and_swapped_strategy() -> None:

@@ -17,7 +17,7 @@
   synchronises once. On Hopper every kernel of the step launches with programmatic dependent launch (the GEMVs
   through `set_pdl`, inductor's through `inductor_options`), so each starts while the previous one drains.
 - Prefill: `torch.compile` as well, one graph for every prompt length (dynamic shapes), in chunks of
-  PREFILL_CHUNK tokens.
+  PREFILL_CHUNK tokens; pieces up to 512 tokens padded to a few fixed lengths and replayed as CUDA graphs.
 - Token embedding (`embed_from_head`): where the int4 output head is a lossless copy of the 16-bit embedding (QAT
   checkpoints), rows are gathered from the head and the 16-bit table is freed (E4B: 1.34 GB).
 - PLE in tbl mode: the int8 table is a resident buffer gathered in the graph (provider mode copies the host
@@ -36,7 +36,7 @@ import os
 import time
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels  # noqa: F401  (registers torch.ops.gemma4.*)
-from .backends import TorchBackend, _BundleTensors, _compile_mode, compile_layers, error_line, uncompile_layers
+from .backends import TorchBackend, _BundleTensors, _compile_mode, compile_layers, uncompile_layers
 from .errors import Gemma4Error
 from .kernels import (
     FRAG_VARIANTS,
@@ -65,6 +65,9 @@ KV_BUCKET = 512
 # Tokens per batched prefill forward: bounds activation memory. E4B at 4096 tokens on an H200 (NOTES.md, session 3):
 # chunks of 4096 took 105.7 ms against 147.9 ms for two of 2048 (eager launches dominate), peak +0.41 GiB.
 PREFILL_CHUNK = 4096
+# Prompt pieces up to the largest of these are padded at the end to the next one and replayed as a CUDA graph (one
+# per length and KV bucket, captured on first use): a short prompt's prefill is otherwise mostly launch time.
+PREFILL_GRAPH_LENGTHS = (16, 32, 64, 128, 256, 512)
 
 
 def fast_linear(m: Q4Linear, x: torch.Tensor) -> torch.Tensor:
@@ -481,7 +484,10 @@ class FastCudaBackend:
                           if ple_mode == "provider" else None)
         self._logits = torch.zeros(cfg.vocab_size, dtype=torch.float32, device=dev)
         self._tokens = torch.zeros(self.max_context + 1, dtype=torch.long, device=dev)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[Any, torch.cuda.CUDAGraph] = {}  # decode: KV bucket; prefill: ("prefill", length, bucket)
+        self._prefill_ids: dict[int, torch.Tensor] = {}  # padded prompt piece per graphed length
+        self._prefill_pos = torch.zeros((), dtype=torch.long, device=dev)
+        self._prefill_last = torch.zeros((), dtype=torch.long, device=dev)
         self._pool = None
         self._step_fn = self._step
         options = inductor_options(self.pdl)
@@ -518,9 +524,9 @@ class FastCudaBackend:
     def _step(self, ids: torch.Tensor, pos: torch.Tensor, ple: torch.Tensor | None, kv_len: int) -> torch.Tensor:
         return self.model(ids, pos, ple, kv_len=kv_len)[0, -1]
 
-    def _prefill_step(self, ids: torch.Tensor, pos: torch.Tensor, ple: torch.Tensor | None,
-                      kv_len: int) -> torch.Tensor:
-        return self.model(ids, pos, ple, kv_len=kv_len, last_only=True)[0, -1]
+    def _prefill_step(self, ids: torch.Tensor, pos: torch.Tensor, ple: torch.Tensor | None, kv_len: int,
+                      last: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(ids, pos, ple, kv_len=kv_len, last_only=True, last_index=last)[0, -1]
 
     def _captured_step(self, kv_len: int) -> None:
         logits = self._step_fn(self._ids, self._pos, self._ple, kv_len)
@@ -534,38 +540,51 @@ class FastCudaBackend:
         return min(self.max_context, (position // KV_BUCKET + 1) * KV_BUCKET)
 
     def _graph(self, kv_len: int) -> torch.cuda.CUDAGraph | None:
+        """The decode step's graph for this KV-length bucket (captured on first use)."""
         if not self.use_graph:
             return None
-        g = self._graphs.get(kv_len)
-        if g is not None:
-            return g
+        if kv_len not in self._graphs:
+            saved_ids, saved_pos = self._ids.clone(), self._pos.clone()
+
+            def rewind() -> None:  # the step advances the token and position; each warm-up starts from the same
+                self._ids.copy_(saved_ids)
+                self._pos.copy_(saved_pos)
+
+            self._graphs[kv_len] = self._capture(lambda: self._captured_step(kv_len), "decode", rewind)
+        return self._graphs[kv_len]
+
+    def _capture(self, run: Callable[[], None], what: str,
+                 rewind: Callable[[], None] | None = None) -> torch.cuda.CUDAGraph | None:
+        """`run` (reading and writing only static buffers) as a CUDA graph in the shared pool, after three warm-up
+        calls on a side stream (compile, autotune). A compiler failure there makes `what` ("decode" / "prefill")
+        eager from then on; None where that leaves nothing to capture (an eager prefill runs outside graphs)."""
         t0 = time.perf_counter()
-        saved_ids, saved_pos = self._ids.clone(), self._pos.clone()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s), torch.inference_mode():
-            for _ in range(3):  # compile, autotune and warm up outside the capture
-                self._ids.copy_(saved_ids)
-                self._pos.copy_(saved_pos)
+            for _ in range(3):
+                if rewind:
+                    rewind()
                 try:
-                    self._captured_step(kv_len)
+                    run()
                 except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
-                    if self._step_fn is self._step:
-                        raise
-                    warnings.warn(f"torch.compile failed ({error_line(e)}); falling back to eager CUDA graphs",
-                                  stacklevel=2)
-                    self._give_up_compile("decode")
+                    if (self._step_fn is self._step) if what == "decode" else (self._prefill_fn is None):
+                        raise  # not the compiler's failure
+                    warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                  f"running the {what} step eagerly", stacklevel=3)
+                    self._give_up_compile(what)
+                    if what == "prefill":
+                        return None
         torch.cuda.current_stream().wait_stream(s)
         torch.cuda.synchronize()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool), torch.inference_mode():
-            self._captured_step(kv_len)
+            run()
         torch.cuda.synchronize()
-        self._ids.copy_(saved_ids)
-        self._pos.copy_(saved_pos)
-        self._graphs[kv_len] = g
+        if rewind:
+            rewind()
         self.compile_s += time.perf_counter() - t0
         return g
 
@@ -597,6 +616,8 @@ class FastCudaBackend:
         extra = "".join((", in-kernel split-K sums" if self.reduce else "", ", PDL" if self.pdl else "",
                          ", Triton decode attention" if self.decode_attention == "triton" else "",
                          ", compiled prefill" if self._prefill_fn is not None else "",
+                         f" (CUDA graphs up to {PREFILL_GRAPH_LENGTHS[-1]} tokens)"
+                         if self._prefill_fn is not None and self.use_graph and self.ple_mode == "tbl" else "",
                          ", embedding from the int4 head" if self.embed_from_head else ""))
         return f"fast cuda bf16 {self.ple_mode} ({gemv} int4 GEMV, {how}{extra}, max context {self.max_context})"
 
@@ -635,27 +656,54 @@ class FastCudaBackend:
         if len(ids) == 1:  # one token: the decode graph (a one-token prefill would be a second compile)
             return self.decode(ids[0])
         b = self.inner
-        b._position = self._position
-        if self._prefill_fn is None:
-            logits = b.prefill(ids)  # eager layers in regional mode too (TorchBackend._forward)
-            self._position = b.position
-            return logits
+        b._position = start = self._position
         ids = b._check(ids)
-        start = self._position
-        x = torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True)
-        pos = torch.tensor(start, dtype=torch.long).to(self.device, non_blocking=True)
-        with torch.inference_mode():
-            try:
-                logits = self._prefill_fn(x, pos, b._ple_rows(ids), start + len(ids))
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
-                warnings.warn(f"torch.compile of the prefill failed ({error_line(e)}); prefilling eagerly",
-                              stacklevel=3)
-                self._give_up_compile("prefill")
-                logits = b.prefill(ids)
+        logits = self._prefill_graphed(ids, start) if self._prefill_fn is not None else None
+        if logits is None and self._prefill_fn is not None:
+            x = torch.tensor([ids], dtype=torch.long).to(self.device, non_blocking=True)
+            pos = torch.tensor(start, dtype=torch.long).to(self.device, non_blocking=True)
+            last = torch.tensor(len(ids) - 1, dtype=torch.long).to(self.device, non_blocking=True)
+            with torch.inference_mode():
+                try:  # `last` as in the graphs, so that one compiled prefill serves both
+                    logits = self._prefill_fn(x, pos, b._ple_rows(ids), start + len(ids), last)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
+                    warnings.warn(f"torch.compile of the prefill failed ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); prefilling eagerly",
+                                  stacklevel=3)
+                    self._give_up_compile("prefill")
+        if logits is None:
+            logits = b.prefill(ids)  # eager layers in regional mode too (TorchBackend._forward)
         self._position = start + len(ids)
         return logits
+
+    def _prefill_graphed(self, ids: list[int], start: int) -> torch.Tensor | None:
+        """Prefill a piece of at most PREFILL_GRAPH_LENGTHS[-1] tokens by replaying the graph of the next length up
+        (tbl mode, compiled prefill, room in the cache for the padding); None where none applies. The padding
+        (token 0) is attended by nothing real: its K/V goes to later cache slots, which the next step overwrites
+        before reading, and the logits are those of the last real token (`last_index`)."""
+        length = next((n for n in PREFILL_GRAPH_LENGTHS if n >= len(ids)), None)
+        if not self.use_graph or self.ple_mode != "tbl" or length is None or start + length > self.max_context:
+            return None
+        kv_len = self._bucket(start + length - 1)
+        buf = self._prefill_ids.get(length)
+        if buf is None:
+            buf = self._prefill_ids[length] = torch.zeros(1, length, dtype=torch.long, device=self.device)
+        buf.copy_(torch.tensor([ids + [0] * (length - len(ids))], dtype=torch.long))
+        self._prefill_pos.fill_(start)
+        self._prefill_last.fill_(len(ids) - 1)
+        key = ("prefill", length, kv_len)
+        if key not in self._graphs:
+            def run() -> None:
+                self._logits.copy_(self._prefill_fn(buf, self._prefill_pos, None, kv_len, self._prefill_last))
+
+            g = self._capture(run, "prefill")
+            if g is None:
+                return None
+            self._graphs[key] = g
+        self._graphs[key].replay()
+        return self._logits.clone()
 
     def _set_ple(self, token: int) -> None:
         if self._ple is None:

@@ -67,6 +67,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def last_row(t: Tensor, dim: int, index: Tensor | None) -> Tensor:
+    """The last position along `dim`, kept as a size-1 dim: the final row, or row `index` (0-dim int tensor)."""
+    return t.narrow(dim, t.shape[dim] - 1, 1) if index is None else t.index_select(dim, index.view(1))
+
+
 def attention_mask(positions: Tensor, kv_len: int, sliding_window: int | None) -> Tensor:
     """bool [S, kv_len]: query at position q sees key k iff k <= q (and k > q - window on sliding layers).
 
@@ -430,13 +435,15 @@ class Gemma4Model(nn.Module):
         return (ctx + tok) * 2.0 ** -0.5
 
     def forward(self, input_ids: Tensor, start_pos: Tensor, ple_rows: Tensor | None = None, *,
-                kv_len: int | None = None, last_only: bool = False) -> Tensor:
+                kv_len: int | None = None, last_only: bool = False, last_index: Tensor | None = None) -> Tensor:
         """input_ids [1, S] int, start_pos 0-dim/[1] int -> fp32 logits [1, S, V] after the softcap.
 
         Writes this step's K/V at positions start_pos .. start_pos+S-1. `kv_len` (a Python int >= start_pos+S)
         limits attention to the first kv_len cache entries (eager speed-up; None = the whole cache, as traced);
         `last_only` returns only the last position's logits ([1, 1, V]), and then the KV-shared layers (which
-        write no K/V, so nothing later needs their other positions) run on the last position only."""
+        write no K/V, so nothing later needs their other positions) run on the last position only; `last_index`
+        (0-dim int tensor, with `last_only`) makes row `last_index` the last one, for inputs padded at the end to a
+        fixed length (the padding's K/V lands in cache slots that a later step overwrites before it reads them)."""
         cfg, dt = self.cfg, self.compute_dtype
         s = input_ids.shape[1]
         positions = start_pos.reshape(1).long() + torch.arange(s, device=input_ids.device)
@@ -452,11 +459,13 @@ class Gemma4Model(nn.Module):
         cut = cfg.first_shared_layer if last_only and s > 1 else None
         for i, layer in enumerate(self.layers):
             if i == cut:  # HF's _maybe_slice_kv_shared_inputs
-                x, ple, positions = x[:, -1:], ple[:, -1:], positions[-1:]
-                rope = {kind: (cos[-1:], sin[-1:]) for kind, (cos, sin) in rope.items()}
-                masks = {kind: mask[-1:] for kind, mask in masks.items()}
+                x, ple = last_row(x, 1, last_index), last_row(ple, 1, last_index)
+                positions = last_row(positions, 0, last_index)
+                rope = {kind: (last_row(cos, 0, last_index), last_row(sin, 0, last_index))
+                        for kind, (cos, sin) in rope.items()}
+                masks = {kind: last_row(mask, 0, last_index) for kind, mask in masks.items()}
             cos, sin = rope[layer.kind]
             x = layer(x, ple[:, :, i], cos, sin, masks[layer.kind], positions, self.k_cache, self.v_cache, kv_len)
-        if last_only:
-            x = x[:, -1:]
+        if last_only and x.shape[1] > 1:  # (after the cut it is one row already)
+            x = last_row(x, 1, last_index)
         return softcap(self.lm_head(self.norm(x)), cfg.final_logit_softcap)
