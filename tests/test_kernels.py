@@ -38,6 +38,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every backend compiles the same step functions, and dynamo's recompile limit (8 per code object) counts
+    across the session: past it, a later test's steps would quietly run eager. Each test starts from zero."""
+    torch._dynamo.reset()
+
+
 def test_dequant_ref_matches_quant():
     q, q4, d = rand_q4(24, 96, 0)
     assert torch.equal(K.q4_dequant_ref(q4, d), q4_0_dequantize(q, d))
@@ -194,6 +201,7 @@ def test_triton_dequant_exact(n, k):
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.filterwarnings("error:torch.compile", "error:capturing the prefill")  # no silent fallback
 @pytest.mark.parametrize("opts", [{"compile": False}, {"compile": True},
                                   {"compile": True, "pdl": False, "reduce": False, "compile_prefill": False},
                                   {"compile": True, "decode_attention": "stock"}, {"compile": "regional"}],
@@ -223,6 +231,9 @@ def test_fast_decode_matches_stock(tiny_bundle, opts, monkeypatch):
             lf = fast.prefill(ids[lo:hi])
         assert fast.position == len(ids)
         assert rel(lf, lr) < max(2 * rel(ls, lr), 2e-2), (cuts, chunk)
+    # compiled prefill: the pieces above went through prefill graphs (padded to 16, 32 and 64 tokens)
+    graphed = {k[1] for k in fast._graphs if isinstance(k, tuple)}
+    assert graphed == ({16, 32, 64} if fast._prefill_fn is not None else set())
     monkeypatch.undo()
     fast.reset()
     lf = fast.prefill(ids)
@@ -245,6 +256,62 @@ def test_fast_decode_matches_stock(tiny_bundle, opts, monkeypatch):
         t = int(fast.decode(t).argmax())
         host.append(t)
     assert dev_toks == host
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_fast_prefill_graphs_match_ungraphed(tiny_bundle):
+    """Prompt pieces through prefill graphs (padded; a piece crossing a KV bucket; one too long for a graph; one
+    too close to the end of the cache for its padding) give the logits and positions of the same compiled prefill
+    without graphs, and decoding on from them agrees. A prefill that fails to compile falls back with a warning
+    and still gives the right logits and position."""
+    from gemma4_coreai.backends import TorchBackend
+    from gemma4_coreai.bundle import Bundle
+    from gemma4_coreai.fast import KV_BUCKET, PREFILL_GRAPH_LENGTHS, FastCudaBackend
+
+    b = Bundle.open(tiny_bundle)
+    ctx = 2 * KV_BUCKET + 100
+
+    def make(**kw):
+        return FastCudaBackend(TorchBackend.from_bundle(b, device="cuda", dtype="bf16", max_context=ctx,
+                                                        linear_storage="packed"), **kw)
+
+    graphs, plain = make(), make(cuda_graph=False)
+    ids = torch.randint(3, b.config.vocab_size, (ctx,), generator=torch.Generator().manual_seed(5)).tolist()
+    top = PREFILL_GRAPH_LENGTHS[-1]
+    pieces = [(0, 20), (20, KV_BUCKET - 10), (KV_BUCKET - 10, KV_BUCKET + 10), (KV_BUCKET + 10, KV_BUCKET + top + 60),
+              (ctx - 30, ctx - 3)]  # the last: 27 tokens, padded to 32, would pass the end of the cache
+    for be in (graphs, plain):
+        be.reset()
+    for lo, hi in pieces:
+        if lo != graphs.position:  # the last piece: skip ahead (the slots in between are never compared)
+            graphs._position = plain._position = lo
+        got, want = graphs.prefill(ids[lo:hi]), plain.prefill(ids[lo:hi])
+        assert graphs.position == plain.position == hi
+        assert rel(got, want) < 1e-2, (lo, hi)
+    # graphs: (padded length, KV bucket); the piece over 512 tokens and the last one ran without
+    lengths = {k[1:] for k in graphs._graphs if isinstance(k, tuple)}
+    assert lengths == {(32, KV_BUCKET), (top, 2 * KV_BUCKET), (32, 2 * KV_BUCKET)}, lengths
+    graphs.reset()
+    plain.reset()
+    first_g, first_p = graphs.prefill(ids[:50]), plain.prefill(ids[:50])
+    assert rel(first_g, first_p) < 1e-2
+    tok = int(first_p.argmax())
+    for _ in range(5):
+        g, p = graphs.decode(tok), plain.decode(tok)
+        assert rel(g, p) < 1e-2
+        tok = int(p.argmax())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    graphs.reset()
+    graphs._graphs = {k: v for k, v in graphs._graphs.items() if not isinstance(k, tuple)}
+    graphs._prefill_fn = broken
+    with pytest.warns(UserWarning, match="torch.compile failed .*injected.*running the prefill step eagerly"):
+        got = graphs.prefill(ids[:50])
+    assert graphs.position == 50 and graphs._prefill_fn is None
+    assert rel(got, first_p) < 1e-2
 
 
 @requires_cuda

@@ -158,24 +158,29 @@ def test_prefill_runs_kv_shared_layers_on_last_position_only(name: str) -> None:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_padded_prefill_with_last_index(name: str) -> None:
-    """A prompt padded at the end (token 0) with `last_index` on its last real token gives that token's logits,
-    and decoding on from there matches an unpadded prefill: the padding's K/V lands in cache slots that each later
-    step overwrites before reading them (what the fast path's prefill graphs rely on)."""
+    """Prompt pieces padded at the end (token 0) with `last_index` on their last real token give that token's
+    logits, and decoding on from there with a fixed, larger KV length (as the fast path's graphs do) matches an
+    unpadded prefill: the padding's K/V lands in cache slots that nothing reads before a later step overwrites
+    them, also where a later, shorter piece leaves stale padding beyond it."""
     ref = reference(name)
-    ids, length = prompt(ref)[:13], 16
+    ids, kv_len = prompt(ref), 32
     plain, padded = backend(ref), backend(ref)
-    want = plain.prefill(ids)
-    full = ids + [0] * (length - len(ids))
-    with torch.inference_mode():
-        got = padded.model(torch.tensor([full]), torch.tensor(0), padded._ple_rows(full), kv_len=length,
-                           last_only=True, last_index=torch.tensor(len(ids) - 1))[0, -1]
-    padded._position = len(ids)
-    assert float((got - want).abs().max()) <= 1e-4
+
+    def run(tokens: list[int], start: int, last: int | None = None) -> torch.Tensor:
+        with torch.inference_mode():
+            return padded.model(torch.tensor([tokens]), torch.tensor(start), padded._ple_rows(tokens), kv_len=kv_len,
+                                last_only=last is not None,
+                                last_index=None if last is None else torch.tensor(last))[0, -1]
+
+    for lo, hi, length in ((0, 5, 16), (5, 8, 4), (8, 20, 16)):  # the first piece's padding outlives the second's
+        want = plain.prefill(ids[lo:hi])
+        got = run(ids[lo:hi] + [0] * (length - (hi - lo)), lo, last=hi - lo - 1)
+        assert float((got - want).abs().max()) <= 1e-4, (lo, hi)
     assert not torch.equal(padded.model.k_cache, plain.model.k_cache)  # the padding did write K/V
     tok = int(want.argmax())
-    for _ in range(8):  # past the sliding window
-        a, b = plain.decode(tok), padded.decode(tok)
-        assert float((a - b).abs().max()) <= 1e-4
+    for pos in range(20, kv_len):  # past the sliding window, over stale padding, with the whole bucket visible
+        a, b = plain.decode(tok), run([tok], pos)
+        assert float((a - b).abs().max()) <= 1e-4, pos
         tok = int(a.argmax())
 
 

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels  # noqa: F401  (registers torch.ops.gemma4.*)
-from .backends import TorchBackend, _BundleTensors, _compile_mode, compile_layers, uncompile_layers
+from .backends import TorchBackend, _BundleTensors, _compile_mode, compile_layers, error_line, uncompile_layers
 from .errors import Gemma4Error
 from .kernels import (
     FRAG_VARIANTS,
@@ -488,6 +488,7 @@ class FastCudaBackend:
         self._prefill_ids: dict[int, torch.Tensor] = {}  # padded prompt piece per graphed length
         self._prefill_pos = torch.zeros((), dtype=torch.long, device=dev)
         self._prefill_last = torch.zeros((), dtype=torch.long, device=dev)
+        self.prefill_graphs = cuda_graph and ple_mode == "tbl"  # off after a failed capture (`_capture`)
         self._pool = None
         self._step_fn = self._step
         options = inductor_options(self.pdl)
@@ -557,31 +558,49 @@ class FastCudaBackend:
                  rewind: Callable[[], None] | None = None) -> torch.cuda.CUDAGraph | None:
         """`run` (reading and writing only static buffers) as a CUDA graph in the shared pool, after three warm-up
         calls on a side stream (compile, autotune). A compiler failure there makes `what` ("decode" / "prefill")
-        eager from then on; None where that leaves nothing to capture (an eager prefill runs outside graphs)."""
+        eager from then on; the decode step is then captured eagerly, the prefill not at all (None). A prefill
+        that fails to capture turns prefill graphs off (None); it still runs compiled."""
         t0 = time.perf_counter()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
+        gave_up = False
         with torch.cuda.stream(s), torch.inference_mode():
             for _ in range(3):
                 if rewind:
                     rewind()
                 try:
                     run()
+                except torch.OutOfMemoryError:
+                    raise
                 except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
-                    if (self._step_fn is self._step) if what == "decode" else (self._prefill_fn is None):
-                        raise  # not the compiler's failure
-                    warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                                  f"running the {what} step eagerly", stacklevel=3)
+                    if what == "decode" and self._step_fn is self._step:
+                        raise  # already eager: not the compiler's failure
+                    warnings.warn(f"torch.compile failed ({error_line(e)}); running the {what} step eagerly",
+                                  stacklevel=3)
                     self._give_up_compile(what)
                     if what == "prefill":
-                        return None
-        torch.cuda.current_stream().wait_stream(s)
+                        gave_up = True
+                        break
+        torch.cuda.current_stream().wait_stream(s)  # also after a failure: the eager rerun writes the same slots
         torch.cuda.synchronize()
+        if gave_up:
+            return None
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool), torch.inference_mode():
-            run()
+        try:
+            with torch.cuda.graph(g, pool=self._pool), torch.inference_mode():
+                run()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an op that cannot be captured must not lose the run
+            if what == "decode":
+                raise
+            torch.cuda.synchronize()
+            warnings.warn(f"capturing the prefill as a CUDA graph failed ({error_line(e)}); prefilling without "
+                          "graphs", stacklevel=3)
+            self.prefill_graphs = False
+            return None
         torch.cuda.synchronize()
         if rewind:
             rewind()
@@ -617,7 +636,7 @@ class FastCudaBackend:
                          ", Triton decode attention" if self.decode_attention == "triton" else "",
                          ", compiled prefill" if self._prefill_fn is not None else "",
                          f" (CUDA graphs up to {PREFILL_GRAPH_LENGTHS[-1]} tokens)"
-                         if self._prefill_fn is not None and self.use_graph and self.ple_mode == "tbl" else "",
+                         if self._prefill_fn is not None and self.prefill_graphs else "",
                          ", embedding from the int4 head" if self.embed_from_head else ""))
         return f"fast cuda bf16 {self.ple_mode} ({gemv} int4 GEMV, {how}{extra}, max context {self.max_context})"
 
@@ -669,8 +688,7 @@ class FastCudaBackend:
                 except torch.OutOfMemoryError:
                     raise
                 except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
-                    warnings.warn(f"torch.compile of the prefill failed ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); prefilling eagerly",
+                    warnings.warn(f"torch.compile of the prefill failed ({error_line(e)}); prefilling eagerly",
                                   stacklevel=3)
                     self._give_up_compile("prefill")
         if logits is None:
@@ -684,7 +702,7 @@ class FastCudaBackend:
         (token 0) is attended by nothing real: its K/V goes to later cache slots, which the next step overwrites
         before reading, and the logits are those of the last real token (`last_index`)."""
         length = next((n for n in PREFILL_GRAPH_LENGTHS if n >= len(ids)), None)
-        if not self.use_graph or self.ple_mode != "tbl" or length is None or start + length > self.max_context:
+        if not self.prefill_graphs or length is None or start + length > self.max_context:
             return None
         kv_len = self._bucket(start + length - 1)
         buf = self._prefill_ids.get(length)
