@@ -100,6 +100,10 @@ def measure(fb: FastCudaBackend, ids: list[int], context: int, long: int, quick:
         torch.cuda.reset_peak_memory_stats()
         row[f"prefill{plen}_ms"] = prefill_ms(fb, ids[:plen])
         row[f"peak{plen}_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if not quick and fb.prefill_graphs:  # the same compiled prefill without its graphs: what they save
+        fb.prefill_graphs = False
+        row["prefill128_nographs_ms"] = prefill_ms(fb, ids[:128])
+        fb.prefill_graphs = True
     return row
 
 
@@ -153,7 +157,8 @@ def main() -> int:
         torch._dynamo.reset()
         gc.collect()
         torch.cuda.empty_cache()
-    cols = ["decode_ms", "kernels_per_step", "kernel_ms", "prefill128_ms", f"prefill{args.long}_ms",
+    cols = ["decode_ms", "kernels_per_step", "kernel_ms", "prefill128_ms", "prefill128_nographs_ms",
+            f"prefill{args.long}_ms",
             f"peak{args.long}_gib", "first_run_s"]
     print("\n| config | " + " | ".join(cols) + " |")
     print("|" + " --- |" * (len(cols) + 1))
