@@ -311,7 +311,10 @@ def test_fast_prefill_graphs_match_ungraphed(tiny_bundle):
     with pytest.warns(UserWarning, match="torch.compile failed .*injected.*running the prefill step eagerly"):
         got = graphs.prefill(ids[:50])
     assert graphs.position == 50 and graphs._prefill_fn is None
-    assert rel(got, first_p) < 1e-2
+    # the fallback is the eager prefill: compare with eager, not with the compiled one (bf16 fusion rounding differs)
+    eager = make(compile_prefill=False, cuda_graph=False)
+    eager.reset()
+    assert rel(got, eager.prefill(ids[:50])) < 1e-3
 
 
 @requires_cuda
