@@ -573,7 +573,7 @@ class FastCudaBackend:
                 except torch.OutOfMemoryError:
                     raise
                 except Exception as e:  # noqa: BLE001 - a compiler failure must not lose the run
-                    if what == "decode" and self._step_fn is self._step:
+                    if what == "decode" and self._step_fn == self._step:  # (bound methods: ==, not is)
                         raise  # already eager: not the compiler's failure
                     warnings.warn(f"torch.compile failed ({error_line(e)}); running the {what} step eagerly",
                                   stacklevel=3)
