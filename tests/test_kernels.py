@@ -319,6 +319,30 @@ def test_fast_prefill_graphs_match_ungraphed(tiny_bundle):
 
 @requires_cuda
 @pytest.mark.cuda
+def test_fast_prefill_graphs_env_switch(tiny_bundle, monkeypatch):
+    """GEMMA4_PREFILL_GRAPHS=0 turns the prefill graphs off (a prompt then leaves no prefill graph behind); they are
+    on by default."""
+    from gemma4_coreai.backends import TorchBackend
+    from gemma4_coreai.bundle import Bundle
+    from gemma4_coreai.fast import FastCudaBackend
+
+    b = Bundle.open(tiny_bundle)
+
+    def make():
+        return FastCudaBackend(TorchBackend.from_bundle(b, device="cuda", dtype="bf16", max_context=64,
+                                                        linear_storage="packed"))
+
+    monkeypatch.delenv("GEMMA4_PREFILL_GRAPHS", raising=False)
+    assert make().prefill_graphs
+    monkeypatch.setenv("GEMMA4_PREFILL_GRAPHS", "0")
+    off = make()
+    assert not off.prefill_graphs
+    off.prefill(list(range(3, 23)))
+    assert off.position == 20 and not any(isinstance(k, tuple) for k in off._graphs)
+
+
+@requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", ["tiny", "heterogeneous"])
 def test_fast_oracle_margin_rule(name):
     """Greedy tokens of the fast path agree with the fp32 reference (ties under the margin excepted)."""

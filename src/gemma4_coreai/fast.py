@@ -488,7 +488,10 @@ class FastCudaBackend:
         self._prefill_ids: dict[int, torch.Tensor] = {}  # padded prompt piece per graphed length
         self._prefill_pos = torch.zeros((), dtype=torch.long, device=dev)
         self._prefill_last = torch.zeros((), dtype=torch.long, device=dev)
-        self.prefill_graphs = cuda_graph and ple_mode == "tbl"  # off after a failed capture (`_capture`)
+        # GEMMA4_PREFILL_GRAPHS=0: off (decode after a graphed prefill measured 8.7% slower, RESULTS.md); also off
+        # after a failed capture (`_capture`)
+        self.prefill_graphs = (cuda_graph and ple_mode == "tbl"
+                               and os.environ.get("GEMMA4_PREFILL_GRAPHS", "1") != "0")
         self._pool = None
         self._step_fn = self._step
         options = inductor_options(self.pdl)
