@@ -1,6 +1,7 @@
 """Decode speed as a function of the prefill that ran just before it, on one fast engine in one process.
 
     PYTHONPATH=src python benchmarks/decode_after_prefill.py BUNDLE [--prompt-len 128] [--gen-len 256] [--probes]
+        [--gaps] [--cache-config none|shared|l1|equal] [--max-context 4352]
 
 Session 9 found decode 8.7% slower (2.617 against 2.408 ms per token on an H200, E4B shape) after a prompt prefilled
 through its CUDA graph than after the same compiled prefill called directly; the same decode graphs run in both
@@ -8,12 +9,19 @@ cases (RESULTS.md). This prints one row per sequence of prefills: the median ove
 of `gen_len - 1` greedy steps (one device loop, as `bench` times decode), the first token and the SM clock. Use it
 to find the cause, and to check a fix: the rows should agree. `--probes` adds rows that each change one thing after a
 graphed prefill (NOTES.md, session 9: which state the slowdown lives in), and the host time of one decode replay.
+Session 10 (NOTES.md): the tiny synthetic model shows it too (0.201 against 0.178 ms), and a 2-token compiled prefill
+called directly after the graphed one restores the fast decode. `--gaps` profiles one decode step after each prefill
+kind and prints the kernel boundaries whose gap (start minus the previous kernel's end; negative: PDL overlap)
+changed most. `--cache-config` sets the context's L1/shared-memory preference first (cuCtxSetCacheConfig): a test of
+whether the slowdown is the SMs' carveout left behind by the last prefill.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import time
+from collections import defaultdict
 from collections.abc import Callable
 
 import torch
@@ -28,9 +36,16 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128, help="at most 512, so that a prefill graph applies")
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--probes", action="store_true", help="also the rows that locate the slowdown")
+    ap.add_argument("--gaps", action="store_true", help="also the kernel boundaries whose gap changed most")
+    ap.add_argument("--cache-config", choices=list(CACHE_CONFIGS), default="none",
+                    help="the context's L1/shared preference, set before anything runs")
+    ap.add_argument("--max-context", type=int, default=4352)
     a = ap.parse_args()
-    eng = make_engine(Bundle.open(a.bundle), torch.device("cuda"), "fast", None, 4352)
-    print(eng.describe(), flush=True)
+    torch.cuda.init()
+    if a.cache_config != "none":
+        set_cache_config(a.cache_config)
+    eng = make_engine(Bundle.open(a.bundle), torch.device("cuda"), "fast", None, a.max_context)
+    print(eng.describe(), f"cache config {a.cache_config}", flush=True)
     ids = random_prompt(eng.config.vocab_size, a.prompt_len, 0)
 
     def prefill(graphs: bool) -> int:
@@ -87,6 +102,38 @@ def main() -> None:
         eng.model.v_cache.copy_(kv["v"])
         return tok
 
+    def then_direct_prefill(n_tok: int) -> int:  # a short compiled prefill called directly at the next position
+        tok = prefill(True)
+        n, dev = eng.position, eng.device
+        pad = [0] * n_tok
+        with torch.inference_mode():
+            eng._prefill_fn(torch.tensor([pad], device=dev), torch.tensor(n, device=dev), eng.inner._ple_rows(pad),
+                            n + n_tok, torch.tensor(n_tok - 1, device=dev))
+        return tok  # its K/V went to slots n.., which the decode overwrites before reading
+
+    def then_eager_prefill() -> int:  # the stock (uncompiled) prefill of 2 tokens at the next position
+        tok = prefill(True)
+        n = eng.position
+        eng.inner._position = n
+        with torch.inference_mode():
+            eng.inner.prefill([0, 0])
+        eng._position = n
+        return tok
+
+    cfg, dev = eng.config, eng.device
+    x2 = torch.randn(2, cfg.hidden_size, dtype=torch.bfloat16, device=dev)
+    w_up = torch.randn(cfg.hidden_size, cfg.intermediate_size, dtype=torch.bfloat16, device=dev)
+    q16 = torch.randn(1, cfg.num_heads, 16, cfg.global_head_dim, dtype=torch.bfloat16, device=dev)
+    mask16 = torch.ones(16, 16, dtype=torch.bool, device=dev).tril()
+
+    def masked_sdpa() -> torch.Tensor:  # the kernel a masked prefill attention picks (not flash)
+        return torch.nn.functional.scaled_dot_product_attention(q16, q16, q16, attn_mask=mask16)
+
+    def then_eager(op: Callable[[], object]) -> int:  # one eager op (cuBLAS, SDPA) launched after the graphed prefill
+        tok = prefill(True)
+        op()
+        return tok
+
     side = torch.cuda.Stream()
     cases: list[tuple[str, Callable[[], int], torch.cuda.Stream | None]] = [
         ("prefill graph (untimed warm-up)", lambda: prefill(True), None),
@@ -103,6 +150,11 @@ def main() -> None:
             ("graph, one direct decode step", direct_step_after, None),
             ("no graph, kv_len of the bucket", direct_prefill_bucket, None),
             ("graph, KV of the no-graph prefill", graphed_with_ungraphed_kv, None),
+            ("graph, then 2-token direct prefill", lambda: then_direct_prefill(2), None),
+            ("graph, then 16-token direct prefill", lambda: then_direct_prefill(16), None),
+            ("graph, then 2-token eager prefill", then_eager_prefill, None),
+            ("graph, then cuBLAS mm of 2 rows", lambda: then_eager(lambda: x2 @ w_up), None),
+            ("graph, then masked SDPA, 16 tokens", lambda: then_eager(masked_sdpa), None),
         ]
     print(f"{'before the decode loop':36s} {'ms/token':>9s} {'first token':>12s} {'SM MHz':>7s}")
     for name, run, stream in cases:
@@ -123,6 +175,58 @@ def main() -> None:
             torch.cuda.synchronize()
             print(f"host time of one decode replay after {'a graphed' if graphs else 'an ungraphed'} prefill: "
                   f"{host_us:.1f} us")
+    if a.gaps:
+        slow, fast = (step_kernels(eng, lambda g=graphs: prefill(g)) for graphs in (True, False))
+        report_gaps(slow, fast)
+
+
+CACHE_CONFIGS = {"none": 0, "shared": 1, "l1": 2, "equal": 3}  # CUfunc_cache values
+
+
+def set_cache_config(name: str) -> None:
+    """cuCtxSetCacheConfig on the current (torch's primary) context."""
+    rc = ctypes.CDLL("libcuda.so.1").cuCtxSetCacheConfig(CACHE_CONFIGS[name])
+    if rc != 0:
+        raise SystemExit(f"cuCtxSetCacheConfig({name}) failed: CUresult {rc}")
+
+
+def step_kernels(eng, prefill: Callable[[], int], steps: int = 8) -> list[tuple[str, float, float]]:
+    """(name, start, end) in us of the kernels of the last of `steps` decode steps after `prefill` (torch.profiler;
+    the kernels inside CUDA graphs are traced)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tok = prefill()
+    eng.greedy(tok, 4)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.greedy(tok, steps)
+        torch.cuda.synchronize()
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type.name == "CUDA" and not any(w in e.name.lower() for w in ("memcpy", "memset"))]
+    kernels.sort(key=lambda k: k[1])
+    return kernels[-(len(kernels) // steps):]
+
+
+def report_gaps(slow: list[tuple[str, float, float]], fast: list[tuple[str, float, float]]) -> None:
+    """Pair the two steps' kernels by position; print span, kernel time and the boundaries whose gap grew most."""
+    def span(k: list[tuple[str, float, float]]) -> str:
+        return f"{k[-1][2] - k[0][1]:.1f} us span, {sum(e - s for _, s, e in k):.1f} us in kernels, {len(k)} kernels"
+
+    print(f"one decode step after a graphed prefill: {span(slow)}; after an ungraphed one: {span(fast)}")
+    if [k[0] for k in slow] != [k[0] for k in fast]:
+        print("the kernel sequences differ: no pairing")
+        return
+    gaps: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+    for i in range(1, len(slow)):
+        g = gaps[f"{slow[i - 1][0][:38]} -> {slow[i][0][:38]}"]
+        g[0] += slow[i][1] - slow[i - 1][2]
+        g[1] += fast[i][1] - fast[i - 1][2]
+        g[2] += 1
+    print(f"{'boundary (previous -> next kernel)':78s} {'n':>4s} {'gap slow':>9s} {'gap fast':>9s} (us, summed)")
+    for key, (gs, gf, n) in sorted(gaps.items(), key=lambda kv: kv[1][1] - kv[1][0])[:12]:
+        print(f"{key:78s} {n:4d} {gs:9.1f} {gf:9.1f}")
+    print(f"{'all boundaries':78s} {len(slow) - 1:4d} {sum(g[0] for g in gaps.values()):9.1f} "
+          f"{sum(g[1] for g in gaps.values()):9.1f}")
 
 
 if __name__ == "__main__":
