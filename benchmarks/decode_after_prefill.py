@@ -155,14 +155,16 @@ def main() -> None:
             ("graph, then 2-token eager prefill", then_eager_prefill, None),
             ("graph, then cuBLAS mm of 2 rows", lambda: then_eager(lambda: x2 @ w_up), None),
             ("graph, then masked SDPA, 16 tokens", lambda: then_eager(masked_sdpa), None),
+            ("graph, then persisting L2 reset", lambda: then_eager(reset_persisting_l2), None),
         ]
-    print(f"{'before the decode loop':36s} {'ms/token':>9s} {'first token':>12s} {'SM MHz':>7s}")
+    print(f"{'before the decode loop':36s} {'ms/token':>9s} {'first token':>12s} {'SM MHz':>7s} {'mem MHz':>7s}")
     for name, run, stream in cases:
         ms, tok = [], 0
         for _ in range(3):
             tok = run()
             ms.append(decode_ms(tok, stream))
-        print(f"{name:36s} {sorted(ms)[1]:9.3f} {tok:12d} {torch.cuda.clock_rate():7d}", flush=True)
+        print(f"{name:36s} {sorted(ms)[1]:9.3f} {tok:12d} {torch.cuda.clock_rate():7d} {memory_clock():>7}",
+              flush=True)
     if a.probes:  # host cost of one decode replay (queued, no sync), after each prefill kind
         for graphs in (True, False):
             prefill(graphs)
@@ -188,6 +190,25 @@ def set_cache_config(name: str) -> None:
     rc = ctypes.CDLL("libcuda.so.1").cuCtxSetCacheConfig(CACHE_CONFIGS[name])
     if rc != 0:
         raise SystemExit(f"cuCtxSetCacheConfig({name}) failed: CUresult {rc}")
+
+
+def reset_persisting_l2() -> None:
+    """cuCtxResetPersistingL2Cache: demote every persisting L2 line to normal."""
+    rc = ctypes.CDLL("libcuda.so.1").cuCtxResetPersistingL2Cache()
+    if rc != 0:
+        raise SystemExit(f"cuCtxResetPersistingL2Cache failed: CUresult {rc}")
+
+
+def memory_clock() -> str:
+    """The memory clock in MHz from NVML, or "-" where pynvml is missing."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        return str(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM))
+    except Exception:  # noqa: BLE001 - a probe column, not worth failing the run for
+        return "-"
 
 
 def step_kernels(eng, prefill: Callable[[], int], steps: int = 8) -> list[tuple[str, float, float]]:
