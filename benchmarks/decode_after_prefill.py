@@ -61,35 +61,46 @@ def main() -> None:
         torch.cuda.synchronize()
         return (time.perf_counter() - t) / (a.gen_len - 1) * 1e3
 
-    def sleep_after() -> int:
+    def after_graph(op: Callable[[], object]) -> int:  # a graphed prefill, then `op` before the decode loop
         tok = prefill(True)
-        torch.cuda.synchronize()
-        time.sleep(1.0)
+        op()
         return tok
 
-    def recaptured() -> int:  # the decode graphs captured anew after the graphed prefill: state of the graph exec?
-        tok = prefill(True)
+    def direct_prefill(tokens: list[int], start: int, kv_len: int, ple: torch.Tensor | None) -> torch.Tensor:
+        dev = eng.device  # the compiled prefill called directly, as `_prefill_chunk` does without its graph
+        with torch.inference_mode():
+            return eng._prefill_fn(torch.tensor([tokens], device=dev), torch.tensor(start, device=dev), ple, kv_len,
+                                   torch.tensor(len(tokens) - 1, device=dev))
+
+    def sleep() -> None:
+        torch.cuda.synchronize()
+        time.sleep(1.0)
+
+    def recapture() -> None:  # the decode graphs captured anew: state of the graph exec?
         for k in [k for k in eng._graphs if not isinstance(k, tuple)]:
             del eng._graphs[k]
         eng.warm(range(eng.position, eng.position + a.gen_len, 256))
-        return tok
 
-    def direct_step_after() -> int:  # one compiled decode step launched directly (greedy rewrites ids, pos, slot)
-        tok = prefill(True)
+    def direct_step() -> None:  # one compiled decode step launched directly (greedy rewrites ids, pos, slot)
         with torch.inference_mode():
             eng._captured_step(eng._bucket(eng.position))
-        return tok
 
-    def direct_prefill_bucket() -> int:  # the compiled prefill called directly with the graph's kv_len (a bucket)
+    def direct_prefill_bucket() -> int:  # the whole prompt, called directly with the graph's kv_len (a bucket)
         eng.reset()
-        n = len(ids)
-        dev = eng.device
-        x = torch.tensor([ids], dtype=torch.long, device=dev)
-        pos, last = torch.tensor(0, device=dev), torch.tensor(n - 1, device=dev)
-        with torch.inference_mode():
-            logits = eng._prefill_fn(x, pos, None, eng._bucket(n - 1), last)
-        eng._position = n
+        logits = direct_prefill(ids, 0, eng._bucket(len(ids) - 1), None)
+        eng._position = len(ids)
         return int(logits.argmax())
+
+    def dummy_direct_prefill(n_tok: int) -> None:  # at the next position: the decode overwrites those K/V slots first
+        pad, n = [0] * n_tok, eng.position
+        direct_prefill(pad, n, n + n_tok, eng.inner._ple_rows(pad))
+
+    def dummy_eager_prefill() -> None:  # the stock (uncompiled) prefill of 2 tokens at the next position
+        n = eng.position
+        eng.inner._position = n
+        with torch.inference_mode():
+            eng.inner.prefill([0, 0])
+        eng._position = n
 
     kv: dict[str, torch.Tensor] = {}
 
@@ -97,28 +108,7 @@ def main() -> None:
         if not kv:
             prefill(False)
             kv.update(k=eng.model.k_cache.clone(), v=eng.model.v_cache.clone())
-        tok = prefill(True)
-        eng.model.k_cache.copy_(kv["k"])
-        eng.model.v_cache.copy_(kv["v"])
-        return tok
-
-    def then_direct_prefill(n_tok: int) -> int:  # a short compiled prefill called directly at the next position
-        tok = prefill(True)
-        n, dev = eng.position, eng.device
-        pad = [0] * n_tok
-        with torch.inference_mode():
-            eng._prefill_fn(torch.tensor([pad], device=dev), torch.tensor(n, device=dev), eng.inner._ple_rows(pad),
-                            n + n_tok, torch.tensor(n_tok - 1, device=dev))
-        return tok  # its K/V went to slots n.., which the decode overwrites before reading
-
-    def then_eager_prefill() -> int:  # the stock (uncompiled) prefill of 2 tokens at the next position
-        tok = prefill(True)
-        n = eng.position
-        eng.inner._position = n
-        with torch.inference_mode():
-            eng.inner.prefill([0, 0])
-        eng._position = n
-        return tok
+        return after_graph(lambda: (eng.model.k_cache.copy_(kv["k"]), eng.model.v_cache.copy_(kv["v"])))
 
     cfg, dev = eng.config, eng.device
     x2 = torch.randn(2, cfg.hidden_size, dtype=torch.bfloat16, device=dev)
@@ -129,11 +119,6 @@ def main() -> None:
     def masked_sdpa() -> torch.Tensor:  # the kernel a masked prefill attention picks (not flash)
         return torch.nn.functional.scaled_dot_product_attention(q16, q16, q16, attn_mask=mask16)
 
-    def then_eager(op: Callable[[], object]) -> int:  # one eager op (cuBLAS, SDPA) launched after the graphed prefill
-        tok = prefill(True)
-        op()
-        return tok
-
     side = torch.cuda.Stream()
     cases: list[tuple[str, Callable[[], int], torch.cuda.Stream | None]] = [
         ("prefill graph (untimed warm-up)", lambda: prefill(True), None),
@@ -141,21 +126,21 @@ def main() -> None:
         ("compiled prefill, no graph", lambda: prefill(False), None),
         ("graph, then no graph", lambda: (prefill(True), prefill(False))[1], None),
         ("no graph, then graph", lambda: (prefill(False), prefill(True))[1], None),
-        ("prefill graph, then 1 s of sleep", sleep_after, None),
+        ("prefill graph, then 1 s of sleep", lambda: after_graph(sleep), None),
     ]
     if a.probes:
         cases += [
-            ("graph, decode graphs recaptured", recaptured, None),
+            ("graph, decode graphs recaptured", lambda: after_graph(recapture), None),
             ("graph, decode on a new stream", lambda: prefill(True), side),
-            ("graph, one direct decode step", direct_step_after, None),
+            ("graph, one direct decode step", lambda: after_graph(direct_step), None),
             ("no graph, kv_len of the bucket", direct_prefill_bucket, None),
             ("graph, KV of the no-graph prefill", graphed_with_ungraphed_kv, None),
-            ("graph, then 2-token direct prefill", lambda: then_direct_prefill(2), None),
-            ("graph, then 16-token direct prefill", lambda: then_direct_prefill(16), None),
-            ("graph, then 2-token eager prefill", then_eager_prefill, None),
-            ("graph, then cuBLAS mm of 2 rows", lambda: then_eager(lambda: x2 @ w_up), None),
-            ("graph, then masked SDPA, 16 tokens", lambda: then_eager(masked_sdpa), None),
-            ("graph, then persisting L2 reset", lambda: then_eager(reset_persisting_l2), None),
+            ("graph, then 2-token direct prefill", lambda: after_graph(lambda: dummy_direct_prefill(2)), None),
+            ("graph, then 16-token direct prefill", lambda: after_graph(lambda: dummy_direct_prefill(16)), None),
+            ("graph, then 2-token eager prefill", lambda: after_graph(dummy_eager_prefill), None),
+            ("graph, then cuBLAS mm of 2 rows", lambda: after_graph(lambda: x2 @ w_up), None),
+            ("graph, then masked SDPA, 16 tokens", lambda: after_graph(masked_sdpa), None),
+            ("graph, then persisting L2 reset", lambda: after_graph(reset_persisting_l2), None),
         ]
     print(f"{'before the decode loop':36s} {'ms/token':>9s} {'first token':>12s} {'SM MHz':>7s} {'mem MHz':>7s}")
     for name, run, stream in cases:
@@ -233,6 +218,9 @@ def report_gaps(slow: list[tuple[str, float, float]], fast: list[tuple[str, floa
     def span(k: list[tuple[str, float, float]]) -> str:
         return f"{k[-1][2] - k[0][1]:.1f} us span, {sum(e - s for _, s, e in k):.1f} us in kernels, {len(k)} kernels"
 
+    if not slow or not fast:
+        print("torch.profiler traced no kernels (CUPTI unavailable?): no gap table")
+        return
     print(f"one decode step after a graphed prefill: {span(slow)}; after an ungraphed one: {span(fast)}")
     if [k[0] for k in slow] != [k[0] for k in fast]:
         print("the kernel sequences differ: no pairing")
