@@ -1,7 +1,7 @@
 """Decode speed as a function of the prefill that ran just before it, on one fast engine in one process.
 
     PYTHONPATH=src python benchmarks/decode_after_prefill.py BUNDLE [--prompt-len 128] [--gen-len 256] [--probes]
-        [--gaps] [--cache-config none|shared|l1|equal] [--max-context 4352]
+        [--gaps] [--max-context 4352]
 
 Session 9 found decode 8.7% slower (2.617 against 2.408 ms per token on an H200, E4B shape) after a prompt prefilled
 through its CUDA graph than after the same compiled prefill called directly; the same decode graphs run in both
@@ -12,8 +12,10 @@ graphed prefill (NOTES.md, session 9: which state the slowdown lives in), and th
 Session 10 (NOTES.md): the tiny synthetic model shows it too (0.201 against 0.178 ms), and a 2-token compiled prefill
 called directly after the graphed one restores the fast decode. `--gaps` profiles one decode step after each prefill
 kind and prints the kernel boundaries whose gap (start minus the previous kernel's end; negative: PDL overlap)
-changed most. `--cache-config` sets the context's L1/shared-memory preference first (cuCtxSetCacheConfig): a test of
-whether the slowdown is the SMs' carveout left behind by the last prefill.
+changed most. Session 11 (NOTES.md): the gaps showed lost PDL overlap; neither the L1/shared-memory preference
+(cuCtxSetCacheConfig) nor the GEMVs' shared-memory carveout changed anything; one GEMV launched directly after the
+graph replay restores the fast decode. The engine now does that (`FastCudaBackend._settle_pdl`); the row "prefill
+graph, no PDL settle" shows the state it prevents.
 """
 
 from __future__ import annotations
@@ -37,15 +39,10 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=256)
     ap.add_argument("--probes", action="store_true", help="also the rows that locate the slowdown")
     ap.add_argument("--gaps", action="store_true", help="also the kernel boundaries whose gap changed most")
-    ap.add_argument("--cache-config", choices=list(CACHE_CONFIGS), default="none",
-                    help="the context's L1/shared preference, set before anything runs")
     ap.add_argument("--max-context", type=int, default=4352)
     a = ap.parse_args()
-    torch.cuda.init()
-    if a.cache_config != "none":
-        set_cache_config(a.cache_config)
     eng = make_engine(Bundle.open(a.bundle), torch.device("cuda"), "fast", None, a.max_context)
-    print(eng.describe(), f"cache config {a.cache_config}", flush=True)
+    print(eng.describe(), flush=True)
     ids = random_prompt(eng.config.vocab_size, a.prompt_len, 0)
 
     def prefill(graphs: bool) -> int:
@@ -71,6 +68,13 @@ def main() -> None:
         with torch.inference_mode():
             return eng._prefill_fn(torch.tensor([tokens], device=dev), torch.tensor(start, device=dev), ple, kv_len,
                                    torch.tensor(len(tokens) - 1, device=dev))
+
+    def without_settle() -> int:  # the graphed prefill as before session 11's fix
+        eng._settle_pdl = lambda: None  # shadows the method on this instance
+        try:
+            return prefill(True)
+        finally:
+            del eng._settle_pdl
 
     def sleep() -> None:
         torch.cuda.synchronize()
@@ -127,6 +131,7 @@ def main() -> None:
         ("graph, then no graph", lambda: (prefill(True), prefill(False))[1], None),
         ("no graph, then graph", lambda: (prefill(False), prefill(True))[1], None),
         ("prefill graph, then 1 s of sleep", lambda: after_graph(sleep), None),
+        ("prefill graph, no PDL settle", without_settle, None),
     ]
     if a.probes:
         cases += [
@@ -165,16 +170,6 @@ def main() -> None:
     if a.gaps:
         slow, fast = (step_kernels(eng, lambda g=graphs: prefill(g)) for graphs in (True, False))
         report_gaps(slow, fast)
-
-
-CACHE_CONFIGS = {"none": 0, "shared": 1, "l1": 2, "equal": 3}  # CUfunc_cache values
-
-
-def set_cache_config(name: str) -> None:
-    """cuCtxSetCacheConfig on the current (torch's primary) context."""
-    rc = ctypes.CDLL("libcuda.so.1").cuCtxSetCacheConfig(CACHE_CONFIGS[name])
-    if rc != 0:
-        raise SystemExit(f"cuCtxSetCacheConfig({name}) failed: CUresult {rc}")
 
 
 def reset_persisting_l2() -> None:

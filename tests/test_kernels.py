@@ -263,8 +263,8 @@ def test_fast_decode_matches_stock(tiny_bundle, opts, monkeypatch):
 def test_fast_prefill_graphs_match_ungraphed(tiny_bundle):
     """Prompt pieces through prefill graphs (padded; a piece crossing a KV bucket; one too long for a graph; one
     too close to the end of the cache for its padding) give the logits and positions of the same compiled prefill
-    without graphs, and decoding on from them agrees. A prefill that fails to compile falls back with a warning
-    and still gives the right logits and position."""
+    without graphs, and decoding on from them agrees (the PDL settle after each replay changes nothing). A prefill
+    that fails to compile falls back with a warning and still gives the right logits and position."""
     from gemma4_coreai.backends import TorchBackend
     from gemma4_coreai.bundle import Bundle
     from gemma4_coreai.fast import KV_BUCKET, PREFILL_GRAPH_LENGTHS, FastCudaBackend
@@ -292,6 +292,8 @@ def test_fast_prefill_graphs_match_ungraphed(tiny_bundle):
     # graphs: (padded length, KV bucket); the piece over 512 tokens and the last one ran without
     lengths = {k[1:] for k in graphs._graphs if isinstance(k, tuple)}
     assert lengths == {(32, KV_BUCKET), (top, 2 * KV_BUCKET), (32, 2 * KV_BUCKET)}, lengths
+    # each replay was followed by the PDL settle (one direct GEMV, output discarded), the plain engine never ran it
+    assert (graphs._settle is not None) == graphs.pdl and plain._settle is None
     graphs.reset()
     plain.reset()
     first_g, first_p = graphs.prefill(ids[:50]), plain.prefill(ids[:50])

@@ -486,9 +486,10 @@ class FastCudaBackend:
         self._tokens = torch.zeros(self.max_context + 1, dtype=torch.long, device=dev)
         self._graphs: dict[Any, torch.cuda.CUDAGraph] = {}  # decode: KV bucket; prefill: ("prefill", length, bucket)
         self._prefill_ids: dict[int, torch.Tensor] = {}  # padded prompt piece per graphed length
+        self._settle: tuple[Q4Linear, torch.Tensor] | None = None  # `_settle_pdl`'s linear and input
         self._prefill_pos = torch.zeros((), dtype=torch.long, device=dev)
         self._prefill_last = torch.zeros((), dtype=torch.long, device=dev)
-        # GEMMA4_PREFILL_GRAPHS=0: off (decode after a graphed prefill measured 8.7% slower, RESULTS.md); also off
+        # GEMMA4_PREFILL_GRAPHS=0: off (before `_settle_pdl`, decode after a graphed prefill ran 8.7% slower); also off
         # after a failed capture (`_capture`)
         self.prefill_graphs = (cuda_graph and ple_mode == "tbl"
                                and os.environ.get("GEMMA4_PREFILL_GRAPHS", "1") != "0")
@@ -724,7 +725,21 @@ class FastCudaBackend:
                 return None
             self._graphs[key] = g
         self._graphs[key].replay()
+        self._settle_pdl()
         return self._logits.clone()
+
+    def _settle_pdl(self) -> None:
+        """One GEMV of the smallest linear, launched directly, after a prefill graph. Without it every later decode
+        step gets less PDL overlap: the tiny model decodes at 0.195 against 0.171 ms/token, E4B 8.7% slower
+        (NOTES.md, sessions 9-11). It is a device state that only a direct PDL launch resets; one launch costs
+        a few microseconds. Its output is discarded."""
+        if not self.pdl:
+            return
+        if self._settle is None:
+            lin = min((m for _, m in self.model.q4_linears()), key=lambda m: m.q4.numel())
+            self._settle = (lin, torch.zeros(1, lin.in_features, dtype=self.dtype, device=self.device))
+        with torch.inference_mode():
+            fast_linear(*self._settle)
 
     def _set_ple(self, token: int) -> None:
         if self._ple is None:
