@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import resource
 import statistics
@@ -156,17 +157,21 @@ def bench(bundle_path: str | Path, *, device: str = "cpu", prompt_lens: list[int
     from .backends import resolve_device
     from .bundle import Bundle
 
-    if gen_len < 1 or repeats < 1 or warmup < 0 or not prompt_lens or min(prompt_lens) < 1:
-        raise Gemma4Error("bench: need gen_len >= 1, repeats >= 1, warmup >= 0 and prompt lengths >= 1")
+    if not prompt_lens:
+        raise Gemma4Error("bench: no prompt lengths given")
+    for name, value, low in (("prompt_len", min(prompt_lens), 1), ("gen_len", gen_len, 1), ("repeats", repeats, 1),
+                             ("warmup", warmup, 0)):
+        if value < low:
+            raise Gemma4Error(f"bench: {name} must be >= {low} (got {value})")
     if engine not in ENGINES:
         raise Gemma4Error(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
     dev = resolve_device(device)
     b = Bundle.open(bundle_path)
     cfg = b.config
     max_ctx = max(prompt_lens) + gen_len
-    if max_ctx > cfg.max_position_embeddings:
-        raise Gemma4Error(f"prompt {max(prompt_lens)} + generation {gen_len} tokens exceed the model's "
-                          f"{cfg.max_position_embeddings} positions")
+    if max_ctx > cfg.max_position_embeddings:  # the engine's cache is sized to the run, not the bundle's context
+        raise Gemma4Error(f"--prompt-len {max(prompt_lens)} + --gen-len {gen_len} = {max_ctx} tokens exceed the "
+                          f"model's {cfg.max_position_embeddings} positions (max_position_embeddings)")
     # The copy-bandwidth probe (2 x 1 GiB on CUDA) runs before the model exists, and is freed, so that the peak
     # memory figures below are the model's alone.
     bw = copy_bandwidth(dev) if measure_bandwidth else None
@@ -309,10 +314,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                     "(generated - 1) / time after the first token. Also reports peak device memory, peak host "
                     "RSS, the bandwidth model's bytes per decode step, the measured copy bandwidth and the "
                     "achieved fraction of the floor.")
-    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE", help="bundle directory (from convert)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128], metavar="N",
-                   help="prompt lengths to measure (default 128)")
+                   help="prompt lengths to measure (default 128); the KV cache is sized to the longest + --gen-len, "
+                        "which may pass the bundle's max context (not the model's positions)")
     p.add_argument("--gen-len", type=int, default=32, metavar="N", help="tokens generated per run (default 32)")
     p.add_argument("--repeats", type=int, default=3, metavar="N", help="measured runs per prompt length (default 3)")
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="excluded warm-up runs (default 1)")
@@ -326,36 +332,47 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--dtype", default=None, help="stock engine compute dtype (fp32, bf16, fp16)")
     p.add_argument("--no-compile", action="store_true",
                    help="fast engine: CUDA graphs without torch.compile; cpu-int4 engines: eager decode steps")
-    p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="prompt seed in [0, 2**63) (default 0)")
     p.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
-    p.add_argument("-o", "--out", type=Path, default=None, metavar="FILE", help="also write the JSON record here")
+    p.add_argument("-o", "--out", type=Path, default=None, metavar="FILE",
+                   help="also write the JSON record here (checked before the benchmark runs)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
     p.set_defaults(func=run_bench)
     return p
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a temp file next to `path`, then rename it over: `path` is complete or untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    from .cli import check_out_path
+
+    if args.out is not None:
+        check_out_path(args.out, force=args.force, file=True)
     rec = bench(args.bundle, device=args.device, prompt_lens=args.prompt_len, gen_len=args.gen_len,
                 repeats=args.repeats, warmup=args.warmup, ple_mode=args.ple_mode, engine=args.engine,
                 dtype=args.dtype, seed=args.seed, compile=not args.no_compile, progress=not args.json)
     text = json.dumps(rec, indent=2)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        _write_atomic(args.out, text + "\n")
     print(text if args.json else format_table(rec))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m gemma4_coreai.bench BUNDLE ...` (same options as `gemma4-coreai bench`)."""
-    parser = argparse.ArgumentParser(prog="gemma4-coreai")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_bench_parser(sub)
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except Gemma4Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """`python -m gemma4_coreai.bench BUNDLE ...` (same options and checks as `gemma4-coreai bench`)."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import quant
-from .checkpoint import Checkpoint, SafetensorsWriter, atomic_dir, progress_bar
+from .checkpoint import Checkpoint, SafetensorsWriter, _check_with_safetensors, atomic_dir, progress_bar, read_header
 from .config import ModelConfig
 from .errors import Gemma4Error
 
@@ -84,9 +84,15 @@ def convert(src: str | Path | Checkpoint, out: str | Path, force: bool = False, 
     if not 1 <= max_context <= cfg.max_position_embeddings:
         raise Gemma4Error(f"max_context {max_context} is out of range [1, {cfg.max_position_embeddings}] "
                           "(max_position_embeddings)")
+    src_dir, out_dir = ckpt.path.resolve(), out.resolve()
+    if src_dir == out_dir or out_dir in src_dir.parents:
+        raise Gemma4Error(f"{out}: the output would replace the source checkpoint {ckpt.path}; choose another -o")
     tok_files = {n: ckpt.path / n for n in BUNDLE_TOKENIZER_FILES if (ckpt.path / n).is_file()}
     if "tokenizer.json" not in tok_files:
         raise Gemma4Error(f"{ckpt.path}: tokenizer.json not found (a bundle needs the tokenizer)")
+    load_tokenizer(tok_files["tokenizer.json"])  # unreadable files are refused now, not when the bundle is used
+    if "generation_config.json" in tok_files:
+        read_generation_config(tok_files["generation_config.json"])
 
     def body(tmp: Path) -> None:
         report = quant.LatticeReport()
@@ -187,6 +193,64 @@ def _file_entry(path: Path) -> dict[str, Any]:
 
 # ---- reader ---------------------------------------------------------------------------------------------
 
+def load_tokenizer(path: Path):
+    """A `tokenizers.Tokenizer` from tokenizer.json; one-line Gemma4Error when the file does not load."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the library raises a bare Exception for a bad file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Gemma4Error(f"{path}: not a loadable tokenizer ({first})") from None
+
+
+# generation_config.json fields that sampling reads, and the JSON types each may have (null: absent)
+GENERATION_FIELDS = {"do_sample": (bool,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float)}
+
+
+def read_generation_config(path: Path) -> dict[str, Any]:
+    """generation_config.json as a dict, its sampling fields type-checked; one-line Gemma4Error otherwise."""
+    try:
+        gen = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Gemma4Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(gen, dict):
+        raise Gemma4Error(f"{path}: expected a JSON object, got {type(gen).__name__}")
+    for key, types in GENERATION_FIELDS.items():
+        v = gen.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, types) or (bool not in types and isinstance(v, bool)) or \
+                (isinstance(v, float) and not math.isfinite(v)):
+            raise Gemma4Error(f"{path}: field '{key}' is {v!r}, expected {' or '.join(t.__name__ for t in types)}")
+    return gen
+
+
+def _check_weights(path: Path, cfg: ModelConfig) -> None:
+    """weights.safetensors' header against the config: every tensor of `weight_specs` with its dtype and shape,
+    and no other (the library parses the header too)."""
+    _check_with_safetensors(path)
+    infos = read_header(path)
+    emb = infos.get("embed_tokens.weight")
+    emb_dtype = emb.torch_dtype if emb is not None else None
+    if emb_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise Gemma4Error(f"{path}: tensor 'embed_tokens.weight' is "
+                          f"{'missing' if emb is None else emb.dtype + ', expected BF16, F16 or F32'}")
+    specs = weight_specs(cfg, emb_dtype)
+    for name, dtype, shape in specs:
+        info = infos.get(name)
+        if info is None:
+            raise Gemma4Error(f"{path}: tensor '{name}' is missing")
+        want = (torch.float16, torch.float32) if dtype is None else (dtype,)
+        if info.shape != tuple(shape) or info.torch_dtype not in want:
+            names = " or ".join(str(d).removeprefix("torch.") for d in want)
+            raise Gemma4Error(f"{path}: tensor '{name}' is {info.dtype} {list(info.shape)}, the config needs "
+                              f"{names} {list(shape)}")
+    extra = sorted(set(infos) - {name for name, _, _ in specs})
+    if extra:
+        raise Gemma4Error(f"{path}: unexpected tensor '{extra[0]}' (not part of this config's bundle)")
+
+
 class Bundle:
     """An opened, validated bundle directory. Weights are read lazily; tables are memory-mapped."""
 
@@ -201,7 +265,7 @@ class Bundle:
         p = Path(path)
         mpath = p / "manifest.json"
         if not p.is_dir():
-            raise Gemma4Error(f"{p}: no such bundle directory")
+            raise Gemma4Error(f"{p}: {'a file, not a bundle directory' if p.exists() else 'no such bundle directory'}")
         if not mpath.is_file():
             raise Gemma4Error(f"{mpath}: not found (not a gemma4-coreai bundle)")
         try:
@@ -219,7 +283,7 @@ class Bundle:
             if key not in m:
                 raise Gemma4Error(f"{mpath}: corrupt manifest (field '{key}' is missing)")
         try:
-            cfg = ModelConfig.from_dict(m["config"])
+            cfg = ModelConfig.from_dict(m["config"], source=str(mpath))
         except (TypeError, KeyError, ValueError) as e:
             raise Gemma4Error(f"{mpath}: corrupt manifest (field 'config': {e})") from None
         files = m["files"]
@@ -239,6 +303,7 @@ class Bundle:
                 raise Gemma4Error(f"{f}: truncated or wrong size ({size} bytes, manifest says {entry.get('size')})")
             if verify_hashes and _sha256(f) != entry.get("sha256"):
                 raise Gemma4Error(f"{f}: sha256 does not match manifest.json")
+        _check_weights(p / WEIGHTS, cfg)
         return cls(p, m, cfg)
 
     # -- metadata --
@@ -248,8 +313,13 @@ class Bundle:
 
     @property
     def oracle(self) -> dict | None:
-        if (self.path / ORACLE).is_file():
-            return json.loads((self.path / ORACLE).read_text())
+        """The stored oracle record (oracle.json, else the manifest's copy); `oracle.check_oracle` validates it."""
+        f = self.path / ORACLE
+        if f.is_file():
+            try:
+                return json.loads(f.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise Gemma4Error(f"{f}: not valid JSON ({str(e).splitlines()[0]})") from None
         return self.manifest.get("oracle")
 
     @property
@@ -298,9 +368,7 @@ class Bundle:
         return self.path / TOKENIZER_DIR
 
     def tokenizer(self):
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(self.tokenizer_dir / "tokenizer.json"))
+        return load_tokenizer(self.tokenizer_dir / "tokenizer.json")
 
     @property
     def chat_template(self) -> str | None:
@@ -309,14 +377,18 @@ class Bundle:
             return p.read_text()
         tc = self.tokenizer_dir / "tokenizer_config.json"
         if tc.is_file():
-            t = json.loads(tc.read_text()).get("chat_template")
+            try:
+                t = json.loads(tc.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise Gemma4Error(f"{tc}: not valid JSON ({str(e).splitlines()[0]})") from None
+            t = t.get("chat_template") if isinstance(t, dict) else None
             return t if isinstance(t, str) else None
         return None
 
     @property
     def generation_config(self) -> dict:
         p = self.tokenizer_dir / "generation_config.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return read_generation_config(p) if p.is_file() else {}
 
 
 # ---- inspect --------------------------------------------------------------------------------------------

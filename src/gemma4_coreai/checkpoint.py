@@ -136,7 +136,10 @@ class LazyTensor:
         r1 = max(r0, r1)
         row = math.prod(self.shape[1:]) * self.dtype.itemsize
         out = torch.empty((r1 - r0, *self.shape[1:]), dtype=self.dtype)
-        return _read_into(self.info, self.info.start + r0 * row, out)
+        _read_into(self.info, self.info.start + r0 * row, out)
+        if not torch.isfinite(out).all():  # NaN/inf weights would convert, and verify, without a word
+            raise Gemma4Error(f"{self.info.file}: tensor '{self.info.key}' has non-finite values (NaN/inf)")
+        return out
 
     def read(self) -> torch.Tensor:
         return self[:]
@@ -170,7 +173,10 @@ class Checkpoint:
         raw: dict[str, TensorInfo] = {}
         for f in files:
             _check_with_safetensors(f)
-            raw.update(read_header(f))
+            for key, info in read_header(f).items():
+                if key in raw:
+                    raise Gemma4Error(f"{p}: tensor '{key}' is in two shards ({raw[key].file.name} and {f.name})")
+                raw[key] = info
         prefix = HUB_PREFIX if any(k.startswith(HUB_PREFIX) for k in raw) else TEXT_PREFIX
         tensors = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
         if prefix == TEXT_PREFIX:  # a text-only file never holds towers, but be strict about what we call ours
@@ -287,9 +293,15 @@ def _weight_files(p: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
             raise Gemma4Error(f"{index}: corrupt index (expected JSON with a 'weight_map' object)") from None
+        for name, s in weight_map.items():  # a plain file name: nothing is read from outside the checkpoint
+            if not isinstance(s, str) or s in ("", "..") or Path(s).name != s:
+                raise Gemma4Error(f"{index}: weight_map entry for '{name}' is {s!r}, expected a shard file name "
+                                  "in the checkpoint directory")
+        shards = sorted(set(weight_map.values()))
         for s in shards:
             if not (p / s).is_file():
                 raise Gemma4Error(f"{index}: shard '{s}' listed in the index is missing")

@@ -1,23 +1,81 @@
 """The `gemma4-coreai` command: one small `_cmd_<name>(args)` function and one parser block per subcommand.
 
-Every user-facing problem is a Gemma4Error: printed as `error: <message>` on stderr, exit status 2.
-Ctrl-C exits 130 (outputs are written atomically, so nothing half-written is left behind).
+Every user-facing problem is a Gemma4Error: printed as `error: <message>` on stderr, exit status 2; so is an
+OSError (an output path that can't be written: `error: <file>: <reason>`). Numeric options and output paths are
+checked before any work (`_check_args`). Ctrl-C exits 130 (outputs are written atomically, so nothing half-written
+is left behind); a closed stdout pipe (`... | head`) exits 141 quietly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import Gemma4Error
-from .oracle import DEFAULT_PROMPT
+from .oracle import DEFAULT_PROMPT, PROBE_TOKENS
 
 
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+# ---- checks before any work -----------------------------------------------------------------------------
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Numeric options, by argparse dest (each means the same in every subcommand that has it)."""
+
+    def need(dest: str, ok: Callable[[float], bool], rule: str) -> None:
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if v is None:
+                continue
+            opt = "--" + dest.replace("_", "-")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise Gemma4Error(f"{opt} must be a finite number (got {v})")
+            if not ok(v):
+                raise Gemma4Error(f"{opt} must be {rule} (got {v})")
+
+    need("seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)")
+    for dest in ("max_new_tokens", "tokens", "oracle_tokens", "max_context", "prompt_len", "gen_len", "repeats"):
+        need(dest, lambda v: v >= 1, ">= 1")
+    need("warmup", lambda v: v >= 0, ">= 0")
+    need("temperature", lambda v: v >= 0, ">= 0 (0 = greedy)")
+    need("top_k", lambda v: v >= 0, ">= 0 (0 = off)")
+    need("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+    need("tie_gap", lambda v: v >= 0, ">= 0")
+
+
+def check_out_path(path: Path, force: bool = False, file: bool = False) -> None:
+    """Refuse an output path whose nearest existing parent is not a directory; with file=True (a file output) also
+    a directory, or an existing file without force."""
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise Gemma4Error(f"{path}: {parent} is a file, not a directory")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise Gemma4Error(f"{path}: no permission to write in {parent}")
+    if file and path.is_dir():
+        raise Gemma4Error(f"{path}: is a directory (expected a file name)")
+    if file and path.exists() and not force:
+        raise Gemma4Error(f"{path}: already exists (use --force to overwrite)")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    _check_numbers(args)
+    for path in (getattr(args, "out", None), getattr(args, "dir", None)):
+        if path is not None:
+            check_out_path(path)
+
+
+def _check_checkpoint_src(src: str) -> None:
+    """A missing source that looks local (./x, /x, ~/x, or a/b where a/ exists here) is not a hub id."""
+    p = Path(src).expanduser()
+    if not p.exists() and (src.startswith((".", "/", "~")) or ("/" in src and p.parent.is_dir())):
+        raise Gemma4Error(f"{src}: no such checkpoint directory")
 
 
 # ---- synth ----------------------------------------------------------------------------------------------
@@ -41,7 +99,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", required=True, metavar="tiny|e2b|e4b|CONFIG.json",
                    help="a preset shape, or a config.json (HF gemma4 / gemma4_text) for a custom size")
     p.add_argument("-o", "--out", required=True, type=Path, metavar="DIR", help="output checkpoint directory")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed in [0, 2**63) (default 0)")
     p.add_argument("--hub-layout", action="store_true",
                    help="the hub's multimodal layout: 'gemma4' config wrapping text_config, tensors under "
                         "model.language_model. (default: text-only 'gemma4_text', tensors under model.)")
@@ -55,12 +113,40 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 # ---- convert --------------------------------------------------------------------------------------------
 
+def _check_oracle_fits(ckpt, args: argparse.Namespace) -> None:
+    """verify decodes max(--oracle-tokens, its 24-token determinism probe) greedy tokens after the oracle's prompt:
+    they must fit the bundle's max context (checked before converting, not by a failing verify later)."""
+    from .bundle import default_max_context, load_tokenizer
+    from .generate import encode_chat
+
+    max_context = args.max_context or default_max_context(ckpt.config)
+    tpl = ckpt.chat_template_path
+    if ckpt.tokenizer_path is None or tpl is None:
+        return  # no chat template file: the oracle is skipped (or the template is in tokenizer_config.json)
+    tok = load_tokenizer(ckpt.tokenizer_path)
+    n, prompt = args.oracle_tokens, len(encode_chat(tok, tpl.read_text(), args.oracle_prompt))
+    k = max(n, PROBE_TOKENS)
+    if prompt + k > max_context:
+        probe = " (verify's determinism probe)" if n < PROBE_TOKENS else ""
+        raise Gemma4Error(f"--oracle-tokens {n}: the oracle's {prompt}-token prompt plus {k} greedy tokens{probe} "
+                          f"need a context of {prompt + k}, but the max context is {max_context}; raise "
+                          "--max-context, lower --oracle-tokens or pass --no-oracle")
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .bundle import Bundle, convert
+    from .checkpoint import Checkpoint
     from .oracle import convert_hook
 
-    hook = None if args.no_oracle else convert_hook(n_tokens=args.oracle_tokens, prompt=args.oracle_prompt)
-    out = convert(args.src, args.out, force=args.force, max_context=args.max_context, progress=not args.quiet,
+    _check_checkpoint_src(args.src)
+    src, hook = args.src, None
+    if not args.no_oracle:
+        if args.out.exists() and not args.force:  # before a hub download
+            raise Gemma4Error(f"{args.out}: already exists (use --force to overwrite)")
+        src = Checkpoint.open(args.src)
+        _check_oracle_fits(src, args)
+        hook = convert_hook(n_tokens=args.oracle_tokens, prompt=args.oracle_prompt)
+    out = convert(src, args.out, force=args.force, max_context=args.max_context, progress=not args.quiet,
                   oracle_hook=hook)
     b = Bundle.open(out)
     s = b.lattice.get("summary", {})
@@ -88,7 +174,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="context length the bundle is built for (default: min(max_position_embeddings, 4096))")
     p.add_argument("--oracle-tokens", type=int, default=32, metavar="N",
-                   help="greedy tokens of the fp32 HF reference stored as the bundle's oracle (default 32)")
+                   help="greedy tokens of the fp32 HF reference stored as the bundle's oracle (default 32; with the "
+                        "prompt they must fit the max context)")
     p.add_argument("--oracle-prompt", default=DEFAULT_PROMPT, metavar="TEXT",
                    help=f"user prompt of the oracle, chat-formatted (default {DEFAULT_PROMPT!r})")
     p.add_argument("--no-oracle", action="store_true",
@@ -103,6 +190,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .bundle import format_inspect, inspect
 
+    _check_checkpoint_src(args.path)
     info = inspect(args.path, progress=not args.json)
     print(json.dumps(info, indent=1) if args.json else format_inspect(info))
     return 0
@@ -145,6 +233,17 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                         "the first decode step; with GEMMA4_COMPILE=regional about 1 minute, for ~7.7 tok/s)")
     g.add_argument("--export", type=Path, default=None, metavar="OUT",
                    help="with --backend coreai: the export-coreai output directory")
+
+
+def _check_backend_flags(args: argparse.Namespace) -> None:
+    """Options the chosen backend would silently ignore."""
+    if args.backend == "coreai":
+        for flag, value in (("--dtype", args.dtype), ("--linear", None if args.linear == "stock" else args.linear)):
+            if value is not None:
+                raise Gemma4Error(f"{flag} {value} is for the torch backends; --backend coreai runs the exported "
+                                  "graph as it was built")
+    elif args.export is not None:
+        raise Gemma4Error(f"--export is for --backend coreai (got --backend {args.backend})")
 
 
 def _backend(args: argparse.Namespace, bundle):
@@ -190,6 +289,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .bundle import Bundle
     from .generate import BOS, GenerationResult, SamplingParams, encode_chat, stream_generate
 
+    if args.prompt_ids is not None and args.chat:
+        raise Gemma4Error("--chat formats --prompt text; --prompt-ids are fed as they are (drop one)")
+    for flag, given in (("--system", args.system is not None), ("--think", args.think)):
+        if given and not args.chat:
+            raise Gemma4Error(f"{flag} is part of the chat template: add --chat (with --prompt)")
+    _check_backend_flags(args)
     b = Bundle.open(args.bundle)
     tok = b.tokenizer()
     if args.prompt_ids is not None:
@@ -246,12 +351,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template (one user turn)")
     p.add_argument("--system", metavar="TEXT", default=None, help="with --chat: a system turn first")
     p.add_argument("--think", action="store_true", help="with --chat: ask for thinking (<|think|>)")
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default 256")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="at least 1 (default 256)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
-    p.add_argument("--temperature", type=float, default=None, metavar="T")
-    p.add_argument("--top-k", type=int, default=None, metavar="K")
-    p.add_argument("--top-p", type=float, default=None, metavar="P")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="sampling temperature >= 0; 0 = greedy (default: the bundle's generation_config, else 1)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="sample from the K most likely tokens; 0 = off (default: generation_config, else 0)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="nucleus sampling mass in (0, 1]; 1 = off (default: generation_config, else 1)")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="sampling seed in [0, 2**63) (reproducible output; default: random)")
     p.add_argument("--stop-ids", type=int, nargs="+", default=None, metavar="ID",
                    help="stop token ids (default: 106 <turn|> and 1 <eos>)")
     p.add_argument("--json", action="store_true", help="print one JSON object: token ids, text, timings")
@@ -265,10 +374,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .bundle import Bundle
     from .oracle import default_tie_gap, format_report, make_oracle, verify
 
+    _check_backend_flags(args)
     b = Bundle.open(args.bundle)
     if args.reference is not None:
         from .checkpoint import Checkpoint
 
+        _check_checkpoint_src(args.reference)
         ckpt = Checkpoint.open(args.reference)
         oracle = make_oracle(ckpt.path, b.tokenizer(), b.chat_template or "",
                              n_tokens=args.tokens or 32, log=lambda m: print(m, file=sys.stderr))
@@ -285,9 +396,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         from .backends import load_backend
 
         probe = load_backend(b, "torch", device=args.probe_backend)
-    tie_gap = args.tie_gap if args.tie_gap is not None else default_tie_gap(backend)
-    if not tie_gap >= 0:
-        raise Gemma4Error(f"--tie-gap must be >= 0 (got {args.tie_gap})")
+    tie_gap = args.tie_gap if args.tie_gap is not None else default_tie_gap(backend)  # --tie-gap: _check_numbers
     report = verify(backend, oracle, tokens=args.tokens, probe_backend=probe, tie_gap=tie_gap)
     report["backend"] = getattr(backend, "describe", lambda: args.backend)()
     if args.json:
@@ -312,12 +421,13 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory")
     p.add_argument("--reference", metavar="SRC", default=None,
                    help="run the fp32 reference on this checkpoint now instead of using the stored oracle")
-    p.add_argument("--tokens", type=int, default=None, metavar="N", help="compare the first N tokens (default all)")
+    p.add_argument("--tokens", type=int, default=None, metavar="N",
+                   help="compare the first N >= 1 tokens (default: all the oracle holds)")
     p.add_argument("--probe-backend", default=None, choices=("cpu", "cuda"),
                    help="determinism probe against the torch backend on this device (default: a second run)")
     p.add_argument("--tie-gap", type=float, default=None, metavar="G",
-                   help="margin rule: mismatches where the reference's top-2 gap is below G are ties (default 0.1; "
-                        "0.75 for bf16/fp16 backends)")
+                   help="margin rule: mismatches where the reference's top-2 gap is below G (finite, >= 0) are ties "
+                        "(default 0.1; 0.75 for bf16/fp16 backends)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_backend_args(p)
     p.set_defaults(func=_cmd_verify)
@@ -400,9 +510,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                     "reply, and print a short report.")
     p.add_argument("--dir", type=Path, default=None, metavar="DIR",
                    help="work directory to keep (default: a temporary one, removed at the end)")
-    p.add_argument("--force", action="store_true", help="replace --dir if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="use --dir even if it exists: its checkpoint/ and bundle/ are replaced, other files kept")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and the sampling")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the synthetic weights and the sampling, in [0, 2**63) (default 0)")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -445,10 +557,19 @@ def _quiet_third_party() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _stdout_to_devnull() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush can't raise again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured output)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_third_party()
     args = build_parser().parse_args(argv)
     try:
+        _check_args(args)
         return args.func(args)
     except Gemma4Error as e:
         print(f"error: {e}", file=sys.stderr)
@@ -456,6 +577,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`generate ... | head`): stop quietly, like SIGPIPE would
+        _stdout_to_devnull()
+        return 141
+    except OSError as e:  # an output that can't be written: parent is a file, no permission, disk full
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

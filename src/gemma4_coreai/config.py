@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -169,11 +170,19 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Inverse of to_dict (the bundle manifest's form)."""
-        d = dict(d)
-        d["layer_types"] = tuple(d["layer_types"])
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], source: str = "manifest.json") -> ModelConfig:
+        """Inverse of to_dict (the bundle manifest's `config`); every field checked, refused as 'config.X'."""
+        if not isinstance(d, dict):
+            raise _refuse("config", f"is {_show(d)}, expected an object", source)
+        unknown = [k for k in d if k not in _FIELDS]
+        if unknown:
+            raise _refuse(f"config.{unknown[0]}", "is not a model config field", source)
+        kw = {f.name: f.default for f in fields(cls) if f.name in _FIELDS and f.default is not MISSING} | d
+        missing = [k for k in _FIELDS if k not in kw]
+        if missing:
+            raise _refuse(f"config.{missing[0]}", "is missing", source)
+        _validate(kw, {k: f"config.{k}" for k in _FIELDS}, source)
+        return cls(**(kw | {"layer_types": tuple(kw["layer_types"])}))
 
     def to_hf_text_config(self) -> dict[str, Any]:
         """The HF `gemma4_text` config dict describing this model (used by synth and the reference)."""
@@ -242,6 +251,87 @@ def _refuse(field_name: str, why: str, source: str) -> Gemma4Error:
     return Gemma4Error(f"{source}: field '{field_name}' {why}")
 
 
+# ---- the one check of a config's values, shared by config.json and the bundle manifest ------------------
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "size": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "count": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
+    "positive": ("a positive number", lambda v: _is_num(v) and v > 0),
+    "fraction": ("a number in (0, 1]", lambda v: _is_num(v) and 0 < v <= 1),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "layer_types": (f"a non-empty list of {SLIDING!r} / {FULL!r}",
+                    lambda v: isinstance(v, (list, tuple)) and len(v) > 0),
+}
+# Every ModelConfig field and its kind ("token": an id in [0, vocab_size)); names in config.json where they differ.
+_FIELDS = {
+    "vocab_size": "size", "hidden_size": "size", "intermediate_size": "size", "num_layers": "size",
+    "num_heads": "size", "num_kv_heads": "size", "head_dim": "size", "global_head_dim": "size", "ple_dim": "size",
+    "num_kv_shared_layers": "count", "sliding_window": "size", "layer_types": "layer_types",
+    "final_logit_softcap": "positive", "rms_norm_eps": "positive", "rope_theta_sliding": "positive",
+    "rope_theta_full": "positive", "partial_rotary_factor_full": "fraction",
+    "partial_rotary_factor_sliding": "fraction", "double_wide_mlp": "bool", "max_position_embeddings": "size",
+    "bos_token_id": "token", "eos_token_id": "token", "pad_token_id": "token",
+}
+_HF_NAMES = {
+    "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+    "ple_dim": "hidden_size_per_layer_input", "final_logit_softcap": "final_logit_softcapping",
+    "rope_theta_sliding": f"rope_parameters.{SLIDING}.rope_theta",
+    "rope_theta_full": f"rope_parameters.{FULL}.rope_theta",
+    "partial_rotary_factor_full": f"rope_parameters.{FULL}.partial_rotary_factor",
+    "partial_rotary_factor_sliding": f"rope_parameters.{SLIDING}.partial_rotary_factor",
+    "double_wide_mlp": "use_double_wide_mlp",
+}
+
+
+def _show(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _check_field(label: str, value: Any, kind: str, source: str, vocab: int = 0) -> Any:
+    """One value against its kind; returns it. `label` is the field's name as the user's file spells it."""
+    if kind == "token":
+        expect, ok = f"a token id in [0, {vocab})", _is_int(value) and 0 <= value < vocab
+    else:
+        expect, ok = _KINDS[kind][0], _KINDS[kind][1](value)
+    if not ok:
+        raise _refuse(label, f"is {_show(value)}, expected {expect}", source)
+    if kind == "layer_types":
+        bad = [x for x in value if x not in (SLIDING, FULL)]
+        if bad:
+            raise _refuse(label, f"has unknown layer type {_show(bad[0])}, expected {SLIDING!r} or {FULL!r}", source)
+    return value
+
+
+def _validate(v: dict[str, Any], names: dict[str, str], source: str) -> None:
+    """Check every ModelConfig field value in `v` (types, ranges, consistency); refusals use `names` as labels."""
+    for f, kind in _FIELDS.items():
+        _check_field(names[f], v[f], kind, source, vocab=v["vocab_size"])
+    n, n_shared, types = v["num_layers"], v["num_kv_shared_layers"], v["layer_types"]
+    if len(types) != n:
+        raise _refuse(names["layer_types"], f"has {len(types)} entries for {n} layers", source)
+    if n_shared >= n:
+        raise _refuse(names["num_kv_shared_layers"], f"is {n_shared}, expected an integer in [0, {n})", source)
+    if n_shared and set(types[: n - n_shared]) != set(types):
+        raise _refuse(names["num_kv_shared_layers"],
+                      "leaves a KV-shared layer type with no non-shared layer to borrow from", source)
+    if v["num_heads"] % v["num_kv_heads"]:
+        raise _refuse(names["num_kv_heads"], f"({v['num_kv_heads']}) does not divide {names['num_heads']} "
+                      f"({v['num_heads']})", source)
+    for f in ("hidden_size", "intermediate_size", "head_dim", "global_head_dim", "ple_dim"):
+        if v[f] % 32:
+            raise _refuse(names[f], f"is {v[f]}: q4_0 needs every linear input dimension to be a multiple of 32",
+                          source)
+
+
 def from_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Read a Gemma 4 HF config dict (hub wrapper or text-only) into a ModelConfig, refusing what is out of scope."""
     mt = raw.get("model_type")
@@ -287,99 +377,92 @@ def from_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     if not tie:
         raise _refuse("tie_word_embeddings", "is false: Gemma 4 ties the output head to the embedding", source)
 
-    n_layers = int(get("num_hidden_layers", required=True))
+    names = {f: prefix + _HF_NAMES.get(f, f) for f in _FIELDS}
+    n_layers = _check_field(names["num_layers"], get("num_hidden_layers", required=True), "size", source)
     layer_types = get("layer_types")
     if layer_types is None:
         layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
-    layer_types = list(layer_types)
-    if len(layer_types) != n_layers:
-        raise _refuse(prefix + "layer_types", f"has {len(layer_types)} entries for {n_layers} layers", source)
-    bad = [x for x in layer_types if x not in (SLIDING, FULL)]
-    if bad:
-        raise _refuse(prefix + "layer_types", f"has unknown layer type {bad[0]!r}", source)
-    if layer_types[-1] != FULL:  # HF forces the last layer to full attention; so do we, silently the same
-        layer_types[-1] = FULL
+    layer_types = list(_check_field(names["layer_types"], layer_types, "layer_types", source))
+    layer_types[-1] = FULL  # HF forces the last layer to full attention; so do we, silently the same
 
-    head_dim = int(get("head_dim", required=True))
     global_head_dim = get("global_head_dim")
     plc = get("per_layer_config")
     if global_head_dim is None and isinstance(plc, dict):
         for k, v in plc.items():
             idx = int(k) if str(k).isdigit() else None
-            if (idx is not None and idx < n_layers and layer_types[idx] == FULL) or k == FULL:
+            if (idx is not None and idx < len(layer_types) and layer_types[idx] == FULL) or k == FULL:
                 if isinstance(v, dict) and "head_dim" in v:
                     global_head_dim = v["head_dim"]
                     break
     if global_head_dim is None:
         global_head_dim = 512  # HF's default for Gemma 4
-    if get("vocab_size_per_layer_input", get("vocab_size")) != get("vocab_size"):
-        raise _refuse(prefix + "vocab_size_per_layer_input", "differs from vocab_size: not supported", source)
 
-    rope = get("rope_parameters") or {}
+    rope = get("rope_parameters", {})
+    if not isinstance(rope, dict):
+        raise _refuse(prefix + "rope_parameters", f"is {_show(rope)}, expected an object", source)
     rs = rope.get(SLIDING) or {}
     rf = rope.get(FULL) or {}
     for name, r in ((SLIDING, rs), (FULL, rf)):
+        if not isinstance(r, dict):
+            raise _refuse(f"{prefix}rope_parameters.{name}", f"is {_show(r)}, expected an object", source)
         if r.get("factor", 1.0) not in (1, 1.0):
             raise _refuse(f"{prefix}rope_parameters.{name}.factor", "is not 1.0: scaled RoPE is not supported",
                           source)
         if r.get("rope_type", "default") not in ("default", "proportional"):
             raise _refuse(f"{prefix}rope_parameters.{name}.rope_type", f"is {r.get('rope_type')!r}: not supported",
                           source)
-    n_shared = int(get("num_kv_shared_layers", 0))
-    if not 0 <= n_shared < n_layers:
-        raise _refuse(prefix + "num_kv_shared_layers", f"is {n_shared}: must be in [0, {n_layers})", source)
-    owners = set(layer_types[: n_layers - n_shared])
-    if n_shared and owners != set(layer_types):
-        raise _refuse(prefix + "num_kv_shared_layers",
-                      "leaves a KV-shared layer type with no non-shared layer to borrow from", source)
-    eos = raw.get("eos_token_id", get("eos_token_id", 1))
+
+    def token(key: str, default: int) -> Any:  # the hub wrapper keeps token ids at its top level
+        if prefix and raw.get(key) is not None:
+            names[key] = key
+            return raw[key]
+        return get(key, default)
+
+    eos = token("eos_token_id", 1)
     if isinstance(eos, list):
+        if not eos:
+            raise _refuse(names["eos_token_id"], "is [], expected a token id or a non-empty list of them", source)
         eos = eos[0]
 
-    cfg = ModelConfig(
-        vocab_size=int(get("vocab_size", required=True)),
-        hidden_size=int(get("hidden_size", required=True)),
-        intermediate_size=int(get("intermediate_size", required=True)),
-        num_layers=n_layers,
-        num_heads=int(get("num_attention_heads", required=True)),
-        num_kv_heads=int(get("num_key_value_heads", required=True)),
-        head_dim=head_dim,
-        global_head_dim=int(global_head_dim),
-        ple_dim=int(get("hidden_size_per_layer_input")),
-        num_kv_shared_layers=n_shared,
-        sliding_window=int(get("sliding_window", 512)),
-        layer_types=tuple(layer_types),
-        final_logit_softcap=float(get("final_logit_softcapping", 30.0)),
-        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-        rope_theta_sliding=float(rs.get("rope_theta", 10_000.0)),
-        rope_theta_full=float(rf.get("rope_theta", 1_000_000.0)),
-        partial_rotary_factor_full=_rotary_factor(rf, default=0.25),
-        partial_rotary_factor_sliding=_rotary_factor(rs, default=1.0),
-        double_wide_mlp=bool(get("use_double_wide_mlp", False)),
-        max_position_embeddings=int(get("max_position_embeddings", 131_072)),
-        bos_token_id=int(get("bos_token_id", raw.get("bos_token_id", 2))),
-        eos_token_id=int(eos),
-        pad_token_id=int(get("pad_token_id", 0) or 0),
-    )
-    if cfg.num_heads % cfg.num_kv_heads:
-        raise _refuse(prefix + "num_key_value_heads", f"({cfg.num_kv_heads}) does not divide num_attention_heads "
-                      f"({cfg.num_heads})", source)
-    for name, dim in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size),
-                      ("head_dim", cfg.head_dim), ("global_head_dim", cfg.global_head_dim),
-                      ("hidden_size_per_layer_input", cfg.ple_dim)):
-        if dim % 32:
-            raise _refuse(prefix + name, f"is {dim}: q4_0 needs every linear input dimension to be a multiple of 32",
-                          source)
-    return cfg
+    kw = {
+        "vocab_size": get("vocab_size", required=True),
+        "hidden_size": get("hidden_size", required=True),
+        "intermediate_size": get("intermediate_size", required=True),
+        "num_layers": n_layers,
+        "num_heads": get("num_attention_heads", required=True),
+        "num_kv_heads": get("num_key_value_heads", required=True),
+        "head_dim": get("head_dim", required=True),
+        "global_head_dim": global_head_dim,
+        "ple_dim": get("hidden_size_per_layer_input"),
+        "num_kv_shared_layers": get("num_kv_shared_layers", 0),
+        "sliding_window": get("sliding_window", 512),
+        "layer_types": tuple(layer_types),
+        "final_logit_softcap": get("final_logit_softcapping", 30.0),
+        "rms_norm_eps": get("rms_norm_eps", 1e-6),
+        "rope_theta_sliding": rs.get("rope_theta", 10_000.0),
+        "rope_theta_full": rf.get("rope_theta", 1_000_000.0),
+        "partial_rotary_factor_full": _rotary_factor(rf, default=0.25),
+        "partial_rotary_factor_sliding": _rotary_factor(rs, default=1.0),
+        "double_wide_mlp": get("use_double_wide_mlp", False),
+        "max_position_embeddings": get("max_position_embeddings", 131_072),
+        "bos_token_id": token("bos_token_id", 2),
+        "eos_token_id": eos,
+        "pad_token_id": get("pad_token_id", 0),
+    }
+    _validate(kw, names, source)
+    if get("vocab_size_per_layer_input", kw["vocab_size"]) != kw["vocab_size"]:
+        raise _refuse(prefix + "vocab_size_per_layer_input", "differs from vocab_size: not supported", source)
+    kw.update({f: float(kw[f]) for f, kind in _FIELDS.items() if kind in ("positive", "fraction")})
+    return ModelConfig(**kw)
 
 
-def _rotary_factor(rope: dict[str, Any], default: float) -> float:
+def _rotary_factor(rope: dict[str, Any], default: float) -> Any:
     """HF: absent rope_parameters -> the Gemma 4 defaults; 'default' RoPE rotates every pair."""
     if not rope:
         return default
     if rope.get("rope_type", "default") == "default":
         return 1.0
-    return float(rope.get("partial_rotary_factor", 1.0))
+    return rope.get("partial_rotary_factor", 1.0)
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -15,6 +15,7 @@ The runtime is async only; one private event loop drives it from sync code. Runt
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +43,7 @@ def resolve_model_dir(path: str | Path, mode: str | None = None) -> Path:
     found = {}
     for d in sorted(root.iterdir()):
         if (d / "metadata.json").is_file():
-            found[json.loads((d / "metadata.json").read_text()).get("gemma4", {}).get("ple_mode")] = d
+            found[read_metadata(d / "metadata.json")["gemma4"]["ple_mode"]] = d
     if not found:
         raise Gemma4Error(f"{root}: holds no exported model")
     if mode is not None:
@@ -50,6 +51,48 @@ def resolve_model_dir(path: str | Path, mode: str | None = None) -> Path:
             raise Gemma4Error(f"{root}: no {mode}-mode model (found: {', '.join(sorted(map(str, found)))})")
         return found[mode]
     return found.get("provider") or next(iter(found.values()))
+
+
+# metadata.json fields the backend reads: (section, key) -> a check of the value
+_METADATA_FIELDS = {("gemma4", "ple_mode"): lambda v: v in ("provider", "tbl"),
+                    ("gemma4", "num_layers"): lambda v: isinstance(v, int) and v > 0,
+                    ("gemma4", "ple_dim"): lambda v: isinstance(v, int) and v > 0,
+                    ("gemma4", "states"): lambda v: isinstance(v, dict),
+                    ("gemma4", "ple_tables"): lambda v: isinstance(v, str),
+                    ("language", "max_context_length"): lambda v: isinstance(v, int) and v > 0,
+                    ("language", "vocab_size"): lambda v: isinstance(v, int) and v > 0,
+                    ("assets", "main"): lambda v: isinstance(v, str) and v.endswith(".aimodel")}
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """An export's metadata.json with the fields this backend reads checked; one-line Gemma4Error otherwise."""
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Gemma4Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("gemma4"), dict):
+        raise Gemma4Error(f"{path}: no 'gemma4' section (not exported by this tool)")
+    for (section, key), ok in _METADATA_FIELDS.items():
+        part = meta.get(section)
+        v = part.get(key) if isinstance(part, dict) else None
+        if not ok(v):
+            raise Gemma4Error(f"{path}: field '{section}.{key}' is {v!r}, not what export-coreai writes")
+    return meta
+
+
+def check_graph(aimodel: Path) -> None:
+    """main.mlirb against main.hash (its sha256, written by the exporter): a damaged graph is refused here
+    rather than crashing the runtime's parser (it aborts the process)."""
+    graph, digest = aimodel / "main.mlirb", aimodel / "main.hash"
+    if not graph.is_file():
+        raise Gemma4Error(f"{graph}: missing (re-run export-coreai)")
+    if digest.is_file():
+        h = hashlib.sha256()
+        with open(graph, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        if h.digest() != digest.read_bytes():
+            raise Gemma4Error(f"{graph}: does not match main.hash (truncated or damaged; re-run export-coreai)")
 
 
 class _SyncFunction:
@@ -85,10 +128,8 @@ class CoreAIBackend:
 
         self._NDArray = NDArray
         self.model_dir = resolve_model_dir(path, mode)
-        meta = json.loads((self.model_dir / "metadata.json").read_text())
-        g = meta.get("gemma4")
-        if not g:
-            raise Gemma4Error(f"{self.model_dir / 'metadata.json'}: no 'gemma4' section (not exported by this tool)")
+        meta = read_metadata(self.model_dir / "metadata.json")
+        g = meta["gemma4"]
         self.metadata = meta
         self.ple_mode: str = g["ple_mode"]
         self.max_context = int(meta["language"]["max_context_length"])
@@ -106,6 +147,7 @@ class CoreAIBackend:
         except (OSError, ValueError) as e:
             raise Gemma4Error(f"{tdir}: PLE tables missing or wrong size ({e}); pass tables=") from None
 
+        check_graph(self.model_dir / meta["assets"]["main"])
         self._fn = _SyncFunction(self.model_dir / meta["assets"]["main"])
         self._bound: dict[str, Any] = {}
         if self.ple_mode == "tbl":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,9 @@ def run_reference(model, prompt_ids: Sequence[int], n_tokens: int) -> dict[str, 
             out = model(input_ids=torch.tensor([[top[0]]]), use_cache=True, **{cache_kw: past})
     full = list(prompt_ids) + ref_ids[:-1]
     logits = model(input_ids=torch.tensor([full]), use_cache=False).logits[0]
+    if not (torch.isfinite(logits).all() and all(math.isfinite(t[1]) and math.isfinite(t[3]) for t in step_top2)):
+        raise Gemma4Error("the fp32 reference produced non-finite logits (NaN/inf): the checkpoint's weights are "
+                          "not usable")
     tf = [_top2(row) for row in logits]
     return {
         "prompt_ids": list(prompt_ids),
@@ -114,6 +118,43 @@ def make_oracle(ckpt_dir: str | Path, tokenizer, chat_template: str, *, prompt: 
 
 # ---- verification ----------------------------------------------------------------------------------------
 
+def check_oracle(oracle: Any) -> None:
+    """The fields `verify` reads, their types and lengths, all values finite: one-line Gemma4Error naming the field
+    (a hand-edited or damaged oracle must not crash `verify`, or pass it vacuously)."""
+    def bad(field: str, why: str) -> Gemma4Error:
+        return Gemma4Error(f"oracle record: field '{field}' {why}")
+
+    if not isinstance(oracle, dict):
+        raise Gemma4Error(f"oracle record: expected a JSON object, got {type(oracle).__name__}")
+
+    def ints(field: str, n: int | None = None) -> list:
+        v = oracle.get(field)
+        if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+            raise bad(field, "must be a list of token ids")
+        if n is not None and len(v) != n:
+            raise bad(field, f"has {len(v)} entries, expected {n}")
+        return v
+
+    def numbers(field: str, n: int) -> None:
+        v = oracle.get(field)
+        if not isinstance(v, list) or len(v) != n:
+            raise bad(field, f"must be a list of {n} numbers")
+        flat = [y for x in v for y in (x if isinstance(x, list) else [x])]
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in flat):
+            raise bad(field, "holds a value that is not a finite number")
+
+    prompt, ref = ints("prompt_ids"), ints("reference_ids")
+    if not prompt:
+        raise bad("prompt_ids", "is empty")
+    numbers("step_gaps", len(ref))
+    numbers("step_top2", len(ref))
+    if not all(isinstance(x, list) and len(x) == 4 for x in oracle["step_top2"]):
+        raise bad("step_top2", "must hold [top1 id, top1 logit, top2 id, top2 logit] per step")
+    positions = len(prompt) + max(len(ref) - 1, 0)
+    ints("tf_argmax", positions)
+    numbers("tf_gaps", positions)
+
+
 def teacher_forced_logits(backend, ids: Sequence[int]) -> torch.Tensor:
     """[len(ids), V] logits at every position: one batched pass where the backend has one, else S=1 steps."""
     if hasattr(backend, "forward_all"):
@@ -146,6 +187,7 @@ def verify(backend, oracle: dict[str, Any], *, tokens: int | None = None, probe_
     """Check a backend against an oracle record. Returns a report; report['passed'] is the verdict.
 
     `tie_gap`: a mismatch where the reference's top-2 gap is below it is a tie (DESIGN: 0.1)."""
+    check_oracle(oracle)
     prompt = oracle["prompt_ids"]
     ref = oracle["reference_ids"]
     gaps = oracle["step_gaps"]

@@ -1,0 +1,181 @@
+"""A damaged bundle, source or export is refused with one line naming the file and the tensor or field, before any
+use: weights.safetensors' header against the config, the tokenizer and generation config (at convert and at use),
+the oracle record, an output that would replace its source, and a Core AI export's metadata and graph hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gemma4_coreai.bundle import WEIGHTS, Bundle, convert
+from gemma4_coreai.coreai_backend import check_graph, read_metadata
+from gemma4_coreai.errors import Gemma4Error
+from gemma4_coreai.oracle import check_oracle
+
+
+def copy_bundle(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_weights(bundle: Path, edit) -> None:
+    """Apply `edit` to the tensors of weights.safetensors and keep the manifest's size in step with the file."""
+    path = bundle / WEIGHTS
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][WEIGHTS]["size"] = path.stat().st_size
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def replace_file(bundle: Path, rel: str, content: str) -> None:
+    """Overwrite one listed file, with the manifest's size updated (as a careless hand edit would leave it)."""
+    (bundle / rel).write_text(content)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][rel]["size"] = (bundle / rel).stat().st_size
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_corrupt_weights_header_same_size(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    raw = bytearray((b / WEIGHTS).read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    raw[8:8 + n] = b"{" * n  # same length, no longer JSON
+    (b / WEIGHTS).write_bytes(raw)
+    with pytest.raises(Gemma4Error, match=r"weights\.safetensors: truncated or corrupt safetensors file"):
+        Bundle.open(b)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.update({"layers.1.mlp.up_proj.q4": t["layers.1.mlp.up_proj.q4"][:-1].clone()}),
+     r"tensor 'layers\.1\.mlp\.up_proj\.q4' is U8 \[\d+, \d+\], the config needs uint8 \[\d+, \d+\]"),
+    (lambda t: t.update({"norm.weight": t["norm.weight"].to(torch.float16)}),
+     r"tensor 'norm\.weight' is F16 .*the config needs float32"),
+    (lambda t: t.pop("layers.0.self_attn.o_proj.scale"), r"tensor 'layers\.0\.self_attn\.o_proj\.scale' is missing"),
+    (lambda t: t.update({"stray": torch.zeros(3)}), r"unexpected tensor 'stray'"),
+])
+def test_weights_checked_against_config(tiny_bundle, tmp_path, edit, message):
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    rewrite_weights(b, edit)
+    with pytest.raises(Gemma4Error, match=r"weights\.safetensors: " + message):
+        Bundle.open(b)
+
+
+def test_intact_bundle_opens(tiny_bundle):
+    b = Bundle.open(tiny_bundle)
+    assert b.tensor("norm.weight").dtype == torch.float32
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", "{not json", r"tokenizer\.json: not a loadable tokenizer"),
+    ("generation_config.json", '{"temperature": "hot"}', r"generation_config\.json: field 'temperature' is 'hot'"),
+    ("generation_config.json", "[1, 2]", r"generation_config\.json: expected a JSON object, got list"),
+    ("generation_config.json", '{"top_k": 2.5}', r"generation_config\.json: field 'top_k' is 2\.5, expected int"),
+])
+def test_convert_refuses_bad_tokenizer_files(tiny_ckpt, tmp_path, name, content, message):
+    src = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, src)
+    (src / name).write_text(content)
+    with pytest.raises(Gemma4Error, match=message):
+        convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_bundle_refuses_bad_generation_config_and_tokenizer(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    replace_file(b, "tokenizer/generation_config.json", '{"do_sample": "yes"}')
+    replace_file(b, "tokenizer/tokenizer.json", "")
+    bundle = Bundle.open(b)  # opening reads neither file
+    with pytest.raises(Gemma4Error, match=r"generation_config\.json: field 'do_sample' is 'yes', expected bool"):
+        _ = bundle.generation_config
+    with pytest.raises(Gemma4Error, match=r"tokenizer\.json: not a loadable tokenizer"):
+        bundle.tokenizer()
+
+
+def test_convert_refuses_to_replace_its_source(tiny_ckpt, tmp_path):
+    src = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, src)
+    before = sorted(p.name for p in src.iterdir())
+    for out in (src, tmp_path):  # the source itself, and a folder holding it
+        with pytest.raises(Gemma4Error, match="would replace the source checkpoint"):
+            convert(src, out, force=True, progress=False)
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def good_oracle() -> dict:
+    return {"prompt_ids": [2, 5, 7], "reference_ids": [9, 4], "step_gaps": [1.0, 0.5],
+            "step_top2": [[9, 3.0, 1, 2.0], [4, 2.5, 3, 2.0]], "tf_argmax": [5, 7, 9, 4], "tf_gaps": [1, 1, 1, 1]}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda o: o.pop("reference_ids"), r"field 'reference_ids' must be a list of token ids"),
+    (lambda o: o.update(step_gaps=[1.0, float("nan")]), r"field 'step_gaps' holds a value that is not a finite"),
+    (lambda o: o.update(tf_argmax=[5, 7, 9]), r"field 'tf_argmax' has 3 entries, expected 4"),
+    (lambda o: o.update(step_top2=[[9, 3.0], [4, 2.5]]), r"field 'step_top2' must hold \[top1 id"),
+    (lambda o: o.update(prompt_ids=[]), r"field 'prompt_ids' is empty"),
+])
+def test_oracle_record_checked(change, message):
+    check_oracle(good_oracle())
+    o = good_oracle()
+    change(o)
+    with pytest.raises(Gemma4Error, match="oracle record: " + message):
+        check_oracle(o)
+
+
+def test_bundle_oracle_json_not_json(tiny_bundle, tmp_path):
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    if "oracle.json" in json.loads((b / "manifest.json").read_text())["files"]:
+        replace_file(b, "oracle.json", "{oops")
+    else:
+        (b / "oracle.json").write_text("{oops")
+    with pytest.raises(Gemma4Error, match=r"oracle\.json: not valid JSON"):
+        _ = Bundle.open(b).oracle
+
+
+def test_export_metadata_and_graph_checked(tmp_path):
+    meta = {"gemma4": {"ple_mode": "tbl", "num_layers": 2, "ple_dim": 8, "states": {}, "ple_tables": "t"},
+            "language": {"max_context_length": 16, "vocab_size": 32}, "assets": {"main": "m.aimodel"}}
+    path = tmp_path / "metadata.json"
+    path.write_text(json.dumps(meta))
+    assert read_metadata(path)["gemma4"]["ple_mode"] == "tbl"
+    path.write_text("{")
+    with pytest.raises(Gemma4Error, match=r"metadata\.json: not valid JSON"):
+        read_metadata(path)
+    meta["language"]["vocab_size"] = "32"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(Gemma4Error, match=r"metadata\.json: field 'language\.vocab_size' is '32'"):
+        read_metadata(path)
+    aimodel = tmp_path / "m.aimodel"
+    aimodel.mkdir()
+    (aimodel / "main.mlirb").write_bytes(b"graph bytes")
+    (aimodel / "main.hash").write_bytes(hashlib.sha256(b"graph bytes").digest())
+    check_graph(aimodel)
+    (aimodel / "main.mlirb").write_bytes(b"graph by")  # truncated
+    with pytest.raises(Gemma4Error, match=r"main\.mlirb: does not match main\.hash"):
+        check_graph(aimodel)
+
+
+def test_reference_with_non_finite_logits_is_refused():
+    """A reference whose logits hold NaN (a damaged checkpoint) must not become an oracle that anything passes."""
+    from types import SimpleNamespace
+
+    from gemma4_coreai.oracle import run_reference
+
+    class NanModel:
+        def forward(self, input_ids, use_cache, past_key_values=None):
+            logits = torch.zeros(1, input_ids.shape[1], 16)
+            logits[..., 3] = float("nan")
+            return SimpleNamespace(logits=logits, past_key_values=None)
+
+        __call__ = forward
+
+    with pytest.raises(Gemma4Error, match="the fp32 reference produced non-finite logits"):
+        run_reference(NanModel(), [1, 2], 3)
