@@ -47,11 +47,11 @@ for run in cpu-int4 cpu-int4:--no-compile cpu-int4-f32; do
   e=${run%%:*}; extra=${run#"$e"}; extra=${extra#:}; name=$e${extra:+-eager}
   echo "=== gemma4-coreai CPU --engine $e $extra"; uptime
   "$PY" -m gemma4_coreai.bench "$BUNDLE" --device cpu --engine "$e" $extra --prompt-len "$P" --gen-len "$G" \
-    --repeats "$R" -o "$W/ours-$name.json"
+    --repeats "$R" -o "$W/ours-$name.json" --force
 done
 echo "=== gemma4-coreai CPU --engine stock (short)"
 "$PY" -m gemma4_coreai.bench "$BUNDLE" --device cpu --engine stock ${STOCK_ARGS:---prompt-len 16 --gen-len 3 --repeats 1 --warmup 0} \
-  -o "$W/ours-stock.json"
+  -o "$W/ours-stock.json" --force
 echo "=== llama.cpp CPU again (drift check)"; uptime
 llama "-2"
 "$PY" - "$W" <<'PYEOF'

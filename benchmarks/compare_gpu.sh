@@ -64,7 +64,7 @@ synth() {  # the E4B-shaped synthetic bf16 checkpoint and our q4_0 bundle
 
 ours() {  # $1 = output tag
   "$PY" -m gemma4_coreai.bench "$W/bundle" --device cuda --prompt-len ${OURS_PROMPTS:-128 512 4096} --gen-len 256 --repeats 3 \
-    -o "$W/ours$1.json"
+    -o "$W/ours$1.json" --force  # a rerun replaces its own record
 }
 
 gguf() {  # llama.cpp's own converter on the same checkpoint (its tokenizer swapped for one it accepts)
