@@ -179,3 +179,20 @@ def test_reference_with_non_finite_logits_is_refused():
 
     with pytest.raises(Gemma4Error, match="the fp32 reference produced non-finite logits"):
         run_reference(NanModel(), [1, 2], 3)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(max_context="abc"), r"field 'max_context' is 'abc', expected an integer in \[1, 4096\]"),
+    (lambda m: m.update(max_context=0), r"field 'max_context' is 0, expected an integer in \[1, 4096\]"),
+    (lambda m: m["files"].update({WEIGHTS: 5}), r"field 'files' must map file names to \{size, sha256\} objects"),
+    (lambda m: m["files"][WEIGHTS].update(size=str(m["files"][WEIGHTS]["size"])),
+     r"files\.weights\.safetensors\.size is '\d+', expected an integer"),
+    (lambda m: m.update(lattice=5), r"field 'lattice' is 5, expected an object"),
+])
+def test_manifest_fields_checked(tiny_bundle, tmp_path, edit, message):
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    manifest = json.loads((b / "manifest.json").read_text())
+    edit(manifest)
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Gemma4Error, match=r"manifest\.json: " + message):
+        Bundle.open(b)

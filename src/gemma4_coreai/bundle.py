@@ -286,7 +286,15 @@ class Bundle:
             cfg = ModelConfig.from_dict(m["config"], source=str(mpath))
         except (TypeError, KeyError, ValueError) as e:
             raise Gemma4Error(f"{mpath}: corrupt manifest (field 'config': {e})") from None
+        mc = m["max_context"]
+        if not (isinstance(mc, int) and not isinstance(mc, bool) and 1 <= mc <= cfg.max_position_embeddings):
+            raise Gemma4Error(f"{mpath}: field 'max_context' is {mc!r}, expected an integer in "
+                              f"[1, {cfg.max_position_embeddings}]")
         files = m["files"]
+        if not (isinstance(files, dict) and all(isinstance(e, dict) for e in files.values())):
+            raise Gemma4Error(f"{mpath}: field 'files' must map file names to {{size, sha256}} objects")
+        if not isinstance(m.get("lattice", {}), dict):
+            raise Gemma4Error(f"{mpath}: field 'lattice' is {m['lattice']!r}, expected an object")
         for req in (WEIGHTS, PLE_TABLE, PLE_SCALE, f"{TOKENIZER_DIR}/tokenizer.json"):
             if req not in files:
                 raise Gemma4Error(f"{mpath}: corrupt manifest (field 'files' does not list {req})")
@@ -296,6 +304,8 @@ class Bundle:
             if not f.is_file():
                 raise Gemma4Error(f"{f}: missing (listed in manifest.json)")
             size = f.stat().st_size
+            if not isinstance(entry.get("size"), int) or isinstance(entry.get("size"), bool):
+                raise Gemma4Error(f"{mpath}: files.{rel}.size is {entry.get('size')!r}, expected an integer")
             if rel in expect and entry.get("size") != expect[rel]:
                 raise Gemma4Error(f"{mpath}: files.{rel}.size is {entry.get('size')}, the config needs "
                                   f"{expect[rel]}")

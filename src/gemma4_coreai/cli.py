@@ -566,9 +566,9 @@ def _stdout_to_devnull() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_third_party()
-    args = build_parser().parse_args(argv)
     try:
+        _quiet_third_party()
+        args = build_parser().parse_args(argv)  # imports torch: Ctrl-C can land here too
         _check_args(args)
         return args.func(args)
     except Gemma4Error as e:
