@@ -79,6 +79,8 @@ def test_intact_bundle_opens(tiny_bundle):
     ("generation_config.json", '{"temperature": "hot"}', r"generation_config\.json: field 'temperature' is 'hot'"),
     ("generation_config.json", "[1, 2]", r"generation_config\.json: expected a JSON object, got list"),
     ("generation_config.json", '{"top_k": 2.5}', r"generation_config\.json: field 'top_k' is 2\.5, expected int"),
+    ("generation_config.json", '{"temperature": -1}', r"field 'temperature' is -1, expected a value >= 0"),
+    ("generation_config.json", '{"top_p": 0}', r"field 'top_p' is 0, expected a value in \(0, 1\]"),
 ])
 def test_convert_refuses_bad_tokenizer_files(tiny_ckpt, tmp_path, name, content, message):
     src = tmp_path / "ck"
@@ -105,7 +107,7 @@ def test_convert_refuses_to_replace_its_source(tiny_ckpt, tmp_path):
     shutil.copytree(tiny_ckpt, src)
     before = sorted(p.name for p in src.iterdir())
     for out in (src, tmp_path):  # the source itself, and a folder holding it
-        with pytest.raises(Gemma4Error, match="would replace the source checkpoint"):
+        with pytest.raises(Gemma4Error, match="the output would replace or write into the source"):
             convert(src, out, force=True, progress=False)
     assert sorted(p.name for p in src.iterdir()) == before
 
@@ -113,6 +115,12 @@ def test_convert_refuses_to_replace_its_source(tiny_ckpt, tmp_path):
 def good_oracle() -> dict:
     return {"prompt_ids": [2, 5, 7], "reference_ids": [9, 4], "step_gaps": [1.0, 0.5],
             "step_top2": [[9, 3.0, 1, 2.0], [4, 2.5, 3, 2.0]], "tf_argmax": [5, 7, 9, 4], "tf_gaps": [1, 1, 1, 1]}
+
+
+def test_oracle_token_ids_within_vocab():
+    with pytest.raises(Gemma4Error, match=r"oracle record: field 'reference_ids' holds token id 9, out of range "
+                                          r"for vocab size 8"):
+        check_oracle(good_oracle(), vocab_size=8)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -4,12 +4,15 @@ without a traceback; nothing half-written, nothing existing overwritten without 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 
 import pytest
-from conftest import make_bundle
+from conftest import make_bundle, make_ckpt
 
 from gemma4_coreai import bench as B
+from gemma4_coreai.bundle import Bundle
 from gemma4_coreai.cli import build_parser, main
 
 
@@ -227,3 +230,67 @@ def test_missing_local_checkpoint(src, cmd, tmp_path, monkeypatch, capsys):
     (tmp_path / "sub").mkdir()
     argv = ["convert", src, "-o", str(tmp_path / "out")] if cmd == "convert" else ["inspect", src]
     _refused(capsys, argv, f"error: {src}: no such checkpoint directory")
+
+
+# ---- second audit: outputs that would damage an input or a special file; text; ids; combinations ------------
+
+def test_outputs_never_replace_their_input(tiny_bundle, tmp_path, capsys, no_bench):
+    _refused(capsys, ["export-coreai", str(tiny_bundle), "-o", str(tiny_bundle), "--force"],
+             f"error: {tiny_bundle}: the output would replace or write into the source {tiny_bundle}; choose "
+             "another path")
+    target = tiny_bundle / "manifest.json"
+    _refused(capsys, ["bench", str(tiny_bundle), "-o", str(target), "--force"],
+             f"error: {target}: the output would replace or write into the source {tiny_bundle}; choose another path")
+    assert Bundle.open(tiny_bundle).config.vocab_size > 0  # still intact
+
+
+def test_special_files_and_empty_paths_refused(tiny_bundle, tiny_ckpt, tmp_path, capsys, no_bench):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    want = f"error: {fifo}: not a regular file or directory (a device, FIFO or socket); choose another path"
+    _refused(capsys, ["bench", str(tiny_bundle), "-o", str(fifo), "--force"], want)
+    _refused(capsys, ["convert", str(tiny_ckpt), "-o", str(fifo), "--force", "--no-oracle"], want)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    _refused(capsys, ["export-coreai", str(tiny_bundle), "-o", ""], "error: output path '.': name a new file or "
+             "directory")
+
+
+def test_prompt_text_must_be_utf8(tiny_bundle, capsys):
+    bad = b"\xff".decode("utf-8", "surrogateescape")  # what Python makes of a non-UTF-8 argv byte
+    _refused(capsys, ["generate", str(tiny_bundle), "--prompt", bad], "error: --prompt: not valid UTF-8 text")
+    _refused(capsys, ["generate", str(tiny_bundle), "--prompt", "hi", "--chat", "--system", bad],
+             "error: --system: not valid UTF-8 text")
+
+
+def test_prompt_ids_spaces_separate(tiny_bundle, capsys):
+    assert main(["generate", str(tiny_bundle), "--prompt-ids", "2 10", "--max-new-tokens", "1", "--greedy",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_ids"] == [2, 10]
+
+
+@pytest.mark.parametrize("extra, want", [
+    (["--stop-ids", "99999"], "error: --stop-ids: 99999 is out of range for vocab size 512"),
+    (["--greedy", "--temperature", "0.7"],
+     "error: --temperature is for sampling; --greedy takes the argmax (drop one)"),
+    (["--greedy", "--seed", "3"], "error: --seed is for sampling; --greedy takes the argmax (drop one)"),
+])
+def test_generate_option_conflicts(tiny_bundle, capsys, extra, want):
+    _refused(capsys, ["generate", str(tiny_bundle), "--prompt", "hi", *extra], want)
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate"])
+    assert e.value.code == 2
+    line = _error_line(capsys)
+    assert line.startswith("error: gemma4-coreai generate: ") and line.endswith("(see gemma4-coreai generate --help)")
+
+
+def test_verify_reference_of_another_model(tiny_bundle, tmp_path_factory, capsys):
+    import dataclasses
+
+    from gemma4_coreai.config import preset
+
+    other = make_ckpt(tmp_path_factory, dataclasses.replace(preset("tiny"), sliding_window=8))
+    _refused(capsys, ["verify", str(tiny_bundle), "--reference", str(other)],
+             f"error: {other}: not this bundle's model (config field 'sliding_window' is 8, the bundle has 16)")

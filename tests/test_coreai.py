@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_bundle
 
 from gemma4_coreai.errors import Gemma4Error
 from gemma4_coreai.export_coreai import INSTALL_HINT, artifact_name, export_coreai, require_coreai
@@ -296,3 +297,19 @@ if __name__ == "__main__":
     print("RESULT " + json.dumps(result), flush=True)
     # The Swift runtime can abort during interpreter teardown; the result is out, so skip it.
     os._exit(0)
+
+
+@needs_coreai
+def test_export_of_another_bundle_refused(exported, tiny_ckpt, tmp_path_factory, capsys):
+    """An export runs only with the bundle it was made from (the tokenizer, oracle and tables come from the bundle);
+    another bundle of the same config, other weights: one line."""
+    from conftest import make_ckpt
+
+    from gemma4_coreai.cli import main
+
+    other = make_bundle(tmp_path_factory, make_ckpt(tmp_path_factory, "tiny", seed=1), max_context=MAX_CTX)
+    argv = ["generate", str(other), "--prompt-ids", "2,5", "--backend", "coreai", "--export", str(exported),
+            "--max-new-tokens", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exported from another bundle than" in err[0], err

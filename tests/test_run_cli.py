@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -92,7 +93,8 @@ def test_verify_against_live_reference(oracle_bundle, tiny_ckpt, capsys):
 
 
 def test_verify_fails_on_a_wrong_oracle(oracle_bundle, tmp_path, capsys):
-    """A tampered reference token (with a clear gap) must fail verification: exit 1."""
+    """A tampered reference token (with a clear gap, size and sha256 updated, so that only the oracle's content
+    is wrong) must fail verification: exit 1. Left stale, the sha256 alone is refused (exit 2)."""
     bad = tmp_path / "bundle"
     shutil.copytree(oracle_bundle, bad)
     m = json.loads((bad / "manifest.json").read_text())
@@ -101,6 +103,10 @@ def test_verify_fails_on_a_wrong_oracle(oracle_bundle, tmp_path, capsys):
     m["oracle"]["step_gaps"][step] = 5.0
     (bad / "oracle.json").write_text(json.dumps(m["oracle"]))
     m["files"]["oracle.json"]["size"] = (bad / "oracle.json").stat().st_size
+    (bad / "manifest.json").write_text(json.dumps(m))
+    assert main(["verify", str(bad)]) == 2
+    assert "oracle.json: sha256 does not match manifest.json" in capsys.readouterr().err
+    m["files"]["oracle.json"]["sha256"] = hashlib.sha256((bad / "oracle.json").read_bytes()).hexdigest()
     (bad / "manifest.json").write_text(json.dumps(m))
     assert main(["verify", str(bad)]) == 1
     assert "FAIL" in capsys.readouterr().out

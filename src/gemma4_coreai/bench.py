@@ -354,10 +354,12 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from .checkpoint import refuse_overwriting_source
     from .cli import check_out_path
 
     if args.out is not None:
         check_out_path(args.out, force=args.force, file=True)
+        refuse_overwriting_source(args.out, args.bundle, inside_too=True)
     rec = bench(args.bundle, device=args.device, prompt_lens=args.prompt_len, gen_len=args.gen_len,
                 repeats=args.repeats, warmup=args.warmup, ple_mode=args.ple_mode, engine=args.engine,
                 dtype=args.dtype, seed=args.seed, compile=not args.no_compile, progress=not args.json)

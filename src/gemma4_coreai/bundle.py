@@ -20,7 +20,15 @@ import numpy as np
 import torch
 
 from . import quant
-from .checkpoint import Checkpoint, SafetensorsWriter, _check_with_safetensors, atomic_dir, progress_bar, read_header
+from .checkpoint import (
+    Checkpoint,
+    SafetensorsWriter,
+    _check_with_safetensors,
+    atomic_dir,
+    progress_bar,
+    read_header,
+    refuse_overwriting_source,
+)
 from .config import ModelConfig
 from .errors import Gemma4Error
 
@@ -84,9 +92,7 @@ def convert(src: str | Path | Checkpoint, out: str | Path, force: bool = False, 
     if not 1 <= max_context <= cfg.max_position_embeddings:
         raise Gemma4Error(f"max_context {max_context} is out of range [1, {cfg.max_position_embeddings}] "
                           "(max_position_embeddings)")
-    src_dir, out_dir = ckpt.path.resolve(), out.resolve()
-    if src_dir == out_dir or out_dir in src_dir.parents:
-        raise Gemma4Error(f"{out}: the output would replace the source checkpoint {ckpt.path}; choose another -o")
+    refuse_overwriting_source(out, ckpt.path)
     tok_files = {n: ckpt.path / n for n in BUNDLE_TOKENIZER_FILES if (ckpt.path / n).is_file()}
     if "tokenizer.json" not in tok_files:
         raise Gemma4Error(f"{ckpt.path}: tokenizer.json not found (a bundle needs the tokenizer)")
@@ -223,6 +229,10 @@ def read_generation_config(path: Path) -> dict[str, Any]:
         if not isinstance(v, types) or (bool not in types and isinstance(v, bool)) or \
                 (isinstance(v, float) and not math.isfinite(v)):
             raise Gemma4Error(f"{path}: field '{key}' is {v!r}, expected {' or '.join(t.__name__ for t in types)}")
+    for key, ok, rule in (("temperature", lambda v: v >= 0, ">= 0"), ("top_k", lambda v: v >= 0, ">= 0"),
+                          ("top_p", lambda v: 0 < v <= 1, "in (0, 1]")):
+        if gen.get(key) is not None and not ok(gen[key]):
+            raise Gemma4Error(f"{path}: field '{key}' is {gen[key]!r}, expected a value {rule}")
     return gen
 
 
@@ -441,7 +451,7 @@ def inspect(path: str | Path, progress: bool = False) -> dict[str, Any]:
     fly, streaming, for a checkpoint)."""
     p = Path(path)
     if (p / "manifest.json").is_file():
-        b = Bundle.open(p)
+        b = Bundle.open(p, verify_hashes=True)  # inspecting is checking: every file's sha256 too
         lat = b.lattice
         actual = {rel: e["size"] for rel, e in b.manifest["files"].items()}
         counts = byte_counts(b.config)

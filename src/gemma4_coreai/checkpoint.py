@@ -437,6 +437,14 @@ class SafetensorsWriter:
 
 # ---- atomic output and progress ------------------------------------------------------------------------
 
+def refuse_overwriting_source(out: str | Path, src: str | Path, inside_too: bool = False) -> None:
+    """An output that is the source, or a folder holding it (or with `inside_too`, a path inside it), would
+    delete or damage the source when written (--force replaces a directory): refused whatever the flags."""
+    o, s = Path(out).resolve(), Path(src).resolve()
+    if o == s or o in s.parents or (inside_too and s in o.parents):
+        raise Gemma4Error(f"{out}: the output would replace or write into the source {src}; choose another path")
+
+
 def atomic_dir(out: Path, body: Callable[[Path], None], force: bool = False) -> Path:
     """Run body(tmp) on a fresh temp dir next to out, then rename it to out. On any failure (Ctrl-C and
     SIGTERM included) the temp dir is removed and out is untouched; an existing out is replaced only after

@@ -52,7 +52,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def check_out_path(path: Path, force: bool = False, file: bool = False) -> None:
     """Refuse an output path whose nearest existing parent is not a directory; with file=True (a file output) also
-    a directory, or an existing file without force."""
+    a directory, or an existing file without force. Never a device, FIFO or socket, with or without force."""
+    if str(path) in ("", "."):
+        raise Gemma4Error(f"output path {str(path)!r}: name a new file or directory")
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise Gemma4Error(f"{path}: not a regular file or directory (a device, FIFO or socket); choose another path")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise Gemma4Error(f"{path}: {parent} is a file, not a directory")
@@ -76,6 +80,17 @@ def _check_checkpoint_src(src: str) -> None:
     p = Path(src).expanduser()
     if not p.exists() and (src.startswith((".", "/", "~")) or ("/" in src and p.parent.is_dir())):
         raise Gemma4Error(f"{src}: no such checkpoint directory")
+
+
+def _check_text(args: argparse.Namespace, *dests: str) -> None:
+    """Text options must be valid UTF-8 (a shell can pass other bytes; the tokenizer only takes str)."""
+    for dest in dests:
+        value = getattr(args, dest, None)
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise Gemma4Error(f"--{dest.replace('_', '-')}: not valid UTF-8 text") from None
 
 
 # ---- synth ----------------------------------------------------------------------------------------------
@@ -144,6 +159,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         if args.out.exists() and not args.force:  # before a hub download
             raise Gemma4Error(f"{args.out}: already exists (use --force to overwrite)")
         src = Checkpoint.open(args.src)
+        _check_text(args, "oracle_prompt")
         _check_oracle_fits(src, args)
         hook = convert_hook(n_tokens=args.oracle_tokens, prompt=args.oracle_prompt)
     out = convert(src, args.out, force=args.force, max_context=args.max_context, progress=not args.quiet,
@@ -235,6 +251,15 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="with --backend coreai: the export-coreai output directory")
 
 
+def _exported_from(source: dict, manifest: dict) -> bool:
+    """Whether an export's metadata `source` names this bundle: its weights' sha256 (exports before that field:
+    its creation time)."""
+    sha = manifest["files"]["weights.safetensors"].get("sha256")
+    if source.get("bundle_weights_sha256") is not None:
+        return source["bundle_weights_sha256"] == sha
+    return source.get("bundle_created") == manifest.get("created")
+
+
 def _check_backend_flags(args: argparse.Namespace) -> None:
     """Options the chosen backend would silently ignore."""
     if args.backend == "coreai":
@@ -253,7 +278,11 @@ def _backend(args: argparse.Namespace, bundle):
         raise Gemma4Error(f"--compile is for --backend torch (the {args.backend} backend compiles on its own or not "
                           "at all)")
     if args.backend == "coreai":
-        return load_backend(bundle, "coreai", export=args.export, ple_mode=args.ple_mode, device=args.device)
+        backend = load_backend(bundle, "coreai", export=args.export, ple_mode=args.ple_mode, device=args.device)
+        if not _exported_from(backend.metadata.get("source", {}), bundle.manifest):
+            raise Gemma4Error(f"{args.export}: exported from another bundle than {bundle.path} (its tokenizer, oracle "
+                              "and tables would not match the graph); export this bundle or pass the right one")
+        return backend
     if args.backend == "fast":
         backend = load_backend(bundle, "fast", device=args.device, dtype=args.dtype, ple_mode=args.ple_mode,
                                linear_strategy=args.linear)
@@ -273,9 +302,7 @@ def _backend(args: argparse.Namespace, bundle):
 
 def _parse_ids(text: str) -> list[int]:
     ids = []
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
+    for part in text.replace(",", " ").split():  # "2,5,7", "2 5 7" or "2, 5, 7"
         try:
             ids.append(int(part))
         except ValueError:
@@ -294,8 +321,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for flag, given in (("--system", args.system is not None), ("--think", args.think)):
         if given and not args.chat:
             raise Gemma4Error(f"{flag} is part of the chat template: add --chat (with --prompt)")
+    if args.greedy:
+        for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
+                            ("--seed", args.seed)):
+            if value is not None:
+                raise Gemma4Error(f"{flag} is for sampling; --greedy takes the argmax (drop one)")
+    _check_text(args, "prompt", "system")
     _check_backend_flags(args)
     b = Bundle.open(args.bundle)
+    bad_stop = [t for t in args.stop_ids or () if not 0 <= t < b.config.vocab_size]
+    if bad_stop:
+        raise Gemma4Error(f"--stop-ids: {bad_stop[0]} is out of range for vocab size {b.config.vocab_size}")
     tok = b.tokenizer()
     if args.prompt_ids is not None:
         ids = _parse_ids(args.prompt_ids)
@@ -375,12 +411,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .oracle import default_tie_gap, format_report, make_oracle, verify
 
     _check_backend_flags(args)
-    b = Bundle.open(args.bundle)
+    b = Bundle.open(args.bundle, verify_hashes=True)  # verify is the integrity check: every file's sha256 too
     if args.reference is not None:
         from .checkpoint import Checkpoint
 
         _check_checkpoint_src(args.reference)
-        ckpt = Checkpoint.open(args.reference)
+        ckpt = Checkpoint.open(args.reference).validate()
+        if ckpt.config != b.config:
+            field = next(k for k, v in b.config.to_dict().items() if ckpt.config.to_dict()[k] != v)
+            raise Gemma4Error(f"{args.reference}: not this bundle's model (config field '{field}' is "
+                              f"{ckpt.config.to_dict()[field]!r}, the bundle has {b.config.to_dict()[field]!r})")
         oracle = make_oracle(ckpt.path, b.tokenizer(), b.chat_template or "",
                              n_tokens=args.tokens or 32, log=lambda m: print(m, file=sys.stderr))
         if oracle is None:
@@ -538,8 +578,15 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo, _add_synth, _add_convert, _add_inspect, _add_generate, _add_verify, _add_export, _add_bench]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (the subcommand parsers are made from the same class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gemma4-coreai",
         description="Gemma 4 E4B/E2B text decoders: synthetic QAT-like checkpoints, verified q4_0 bundles, "
                     "Core AI export and a fast runtime.")

@@ -395,7 +395,8 @@ def bundle_metadata(name: str, bundle: Any, mode: str, max_context: int, tables_
         },
         "source": {"model": src.get("given") or src.get("path"), "variant": cfg.variant, "qat": is_qat(bundle),
                    "bundle_format_version": bundle.manifest.get("format_version"),
-                   "bundle_created": bundle.manifest.get("created")},
+                   "bundle_created": bundle.manifest.get("created"),
+                   "bundle_weights_sha256": bundle.manifest["files"]["weights.safetensors"].get("sha256")},
         "compression": {
             "linears": "int4 per-block-32 (q4_0 lattice), the bundle's own q and fp16 scales, "
                        "coreai.constexpr_blockwise_shift_scale",
@@ -512,7 +513,7 @@ def export_coreai(bundle_path: str | Path, out: str | Path, *, mode: str = "prov
 
     Returns the model directories (OUT/gpu-pipelined/<name>). Refuses an existing OUT without force."""
     from .bundle import Bundle
-    from .checkpoint import atomic_dir
+    from .checkpoint import atomic_dir, refuse_overwriting_source
 
     modes = list(MODES) if mode == "both" else [mode]
     if any(m not in MODES for m in modes):
@@ -520,6 +521,7 @@ def export_coreai(bundle_path: str | Path, out: str | Path, *, mode: str = "prov
     if kv_dtype not in KV_DTYPES:
         raise Gemma4Error(f"unknown KV dtype {kv_dtype!r}: expected fp16 or fp32")
     out = Path(out)
+    refuse_overwriting_source(out, bundle_path)
     if out.exists() and not force:
         raise Gemma4Error(f"{out}: already exists (use --force to overwrite)")
     require_coreai()  # before anything is written

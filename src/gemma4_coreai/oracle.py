@@ -118,9 +118,9 @@ def make_oracle(ckpt_dir: str | Path, tokenizer, chat_template: str, *, prompt: 
 
 # ---- verification ----------------------------------------------------------------------------------------
 
-def check_oracle(oracle: Any) -> None:
-    """The fields `verify` reads, their types and lengths, all values finite: one-line Gemma4Error naming the field
-    (a hand-edited or damaged oracle must not crash `verify`, or pass it vacuously)."""
+def check_oracle(oracle: Any, vocab_size: int | None = None) -> None:
+    """The fields `verify` reads, their types and lengths, all values finite, token ids below `vocab_size`: one-line
+    Gemma4Error naming the field (a hand-edited or damaged oracle must not crash `verify`, or pass it vacuously)."""
     def bad(field: str, why: str) -> Gemma4Error:
         return Gemma4Error(f"oracle record: field '{field}' {why}")
 
@@ -133,6 +133,8 @@ def check_oracle(oracle: Any) -> None:
             raise bad(field, "must be a list of token ids")
         if n is not None and len(v) != n:
             raise bad(field, f"has {len(v)} entries, expected {n}")
+        if vocab_size is not None and any(x >= vocab_size for x in v):
+            raise bad(field, f"holds token id {max(v)}, out of range for vocab size {vocab_size}")
         return v
 
     def numbers(field: str, n: int) -> None:
@@ -187,7 +189,8 @@ def verify(backend, oracle: dict[str, Any], *, tokens: int | None = None, probe_
     """Check a backend against an oracle record. Returns a report; report['passed'] is the verdict.
 
     `tie_gap`: a mismatch where the reference's top-2 gap is below it is a tie (DESIGN: 0.1)."""
-    check_oracle(oracle)
+    vocab = getattr(getattr(backend, "config", None), "vocab_size", None) or getattr(backend, "vocab_size", None)
+    check_oracle(oracle, vocab)
     prompt = oracle["prompt_ids"]
     ref = oracle["reference_ids"]
     gaps = oracle["step_gaps"]
