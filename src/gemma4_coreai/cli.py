@@ -383,7 +383,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", metavar="BUNDLE", type=Path, help="bundle directory (from convert)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="prompt text")
-    src.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids, fed as is (e.g. 2,105,...)")
+    src.add_argument("--prompt-ids", metavar="IDS",
+                     help="token ids separated by commas or spaces, fed as is (e.g. 2,105,...)")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template (one user turn)")
     p.add_argument("--system", metavar="TEXT", default=None, help="with --chat: a system turn first")
     p.add_argument("--think", action="store_true", help="with --chat: ask for thinking (<|think|>)")
