@@ -294,3 +294,21 @@ def test_verify_reference_of_another_model(tiny_bundle, tmp_path_factory, capsys
     other = make_ckpt(tmp_path_factory, dataclasses.replace(preset("tiny"), sliding_window=8))
     _refused(capsys, ["verify", str(tiny_bundle), "--reference", str(other)],
              f"error: {other}: not this bundle's model (config field 'sliding_window' is 8, the bundle has 16)")
+
+
+def test_ctrl_c_during_startup_is_quiet(monkeypatch, capsys):
+    """The command module imports no torch (the package imports lazily), so the slow start-up imports happen in
+    main(), where Ctrl-C prints `interrupted` and exits 130."""
+    import subprocess
+
+    code = "import sys, gemma4_coreai.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    import gemma4_coreai.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["generate", "x"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import Gemma4Error
-from .oracle import DEFAULT_PROMPT, PROBE_TOKENS
 
 
 def _size(path: Path) -> int:
@@ -140,6 +139,8 @@ def _check_oracle_fits(ckpt, args: argparse.Namespace) -> None:
         return  # no chat template file: the oracle is skipped (or the template is in tokenizer_config.json)
     tok = load_tokenizer(ckpt.tokenizer_path)
     n, prompt = args.oracle_tokens, len(encode_chat(tok, tpl.read_text(), args.oracle_prompt))
+    from .oracle import PROBE_TOKENS
+
     k = max(n, PROBE_TOKENS)
     if prompt + k > max_context:
         probe = " (verify's determinism probe)" if n < PROBE_TOKENS else ""
@@ -192,6 +193,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oracle-tokens", type=int, default=32, metavar="N",
                    help="greedy tokens of the fp32 HF reference stored as the bundle's oracle (default 32; with the "
                         "prompt they must fit the max context)")
+    from .oracle import DEFAULT_PROMPT
+
     p.add_argument("--oracle-prompt", default=DEFAULT_PROMPT, metavar="TEXT",
                    help=f"user prompt of the oracle, chat-formatted (default {DEFAULT_PROMPT!r})")
     p.add_argument("--no-oracle", action="store_true",
