@@ -26,8 +26,9 @@ from .checkpoint import (
     _check_with_safetensors,
     atomic_dir,
     progress_bar,
-    read_header,
+    read_json,
     refuse_overwriting_source,
+    sha256_file,
 )
 from .config import ModelConfig
 from .errors import Gemma4Error
@@ -185,16 +186,8 @@ def _write_ple(ckpt: Checkpoint, tmp: Path, report: quant.LatticeReport, bar) ->
     return {PLE_TABLE: {"size": nq, "sha256": hq.hexdigest()}, PLE_SCALE: {"size": ns, "sha256": hs.hexdigest()}}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _file_entry(path: Path) -> dict[str, Any]:
-    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 # ---- reader ---------------------------------------------------------------------------------------------
@@ -216,10 +209,7 @@ GENERATION_FIELDS = {"do_sample": (bool,), "temperature": (int, float), "top_k":
 
 def read_generation_config(path: Path) -> dict[str, Any]:
     """generation_config.json as a dict, its sampling fields type-checked; one-line Gemma4Error otherwise."""
-    try:
-        gen = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Gemma4Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    gen = read_json(path)
     if not isinstance(gen, dict):
         raise Gemma4Error(f"{path}: expected a JSON object, got {type(gen).__name__}")
     for key, types in GENERATION_FIELDS.items():
@@ -239,8 +229,7 @@ def read_generation_config(path: Path) -> dict[str, Any]:
 def _check_weights(path: Path, cfg: ModelConfig) -> None:
     """weights.safetensors' header against the config: every tensor of `weight_specs` with its dtype and shape,
     and no other (the library parses the header too)."""
-    _check_with_safetensors(path)
-    infos = read_header(path)
+    infos = _check_with_safetensors(path)
     emb = infos.get("embed_tokens.weight")
     emb_dtype = emb.torch_dtype if emb is not None else None
     if emb_dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -321,7 +310,7 @@ class Bundle:
                                   f"{expect[rel]}")
             if size != entry.get("size"):
                 raise Gemma4Error(f"{f}: truncated or wrong size ({size} bytes, manifest says {entry.get('size')})")
-            if verify_hashes and _sha256(f) != entry.get("sha256"):
+            if verify_hashes and sha256_file(f) != entry.get("sha256"):
                 raise Gemma4Error(f"{f}: sha256 does not match manifest.json")
         _check_weights(p / WEIGHTS, cfg)
         return cls(p, m, cfg)
@@ -336,10 +325,7 @@ class Bundle:
         """The stored oracle record (oracle.json, else the manifest's copy); `oracle.check_oracle` validates it."""
         f = self.path / ORACLE
         if f.is_file():
-            try:
-                return json.loads(f.read_text())
-            except (ValueError, UnicodeDecodeError) as e:
-                raise Gemma4Error(f"{f}: not valid JSON ({str(e).splitlines()[0]})") from None
+            return read_json(f)
         return self.manifest.get("oracle")
 
     @property
@@ -397,10 +383,7 @@ class Bundle:
             return p.read_text()
         tc = self.tokenizer_dir / "tokenizer_config.json"
         if tc.is_file():
-            try:
-                t = json.loads(tc.read_text())
-            except (ValueError, UnicodeDecodeError) as e:
-                raise Gemma4Error(f"{tc}: not valid JSON ({str(e).splitlines()[0]})") from None
+            t = read_json(tc)
             t = t.get("chat_template") if isinstance(t, dict) else None
             return t if isinstance(t, str) else None
         return None

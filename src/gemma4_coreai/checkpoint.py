@@ -42,6 +42,25 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
+# ---- small file helpers ----------------------------------------------------------------------------------
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content; one-line Gemma4Error naming the file when it does not parse."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Gemma4Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 # ---- safetensors header ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -312,17 +331,19 @@ def _weight_files(p: Path) -> list[Path]:
     raise Gemma4Error(f"{p}: no model.safetensors or model.safetensors.index.json")
 
 
-def _check_with_safetensors(path: Path) -> None:
-    """Let the safetensors library validate the header too (it only maps the file, touching no tensor data)."""
+def _check_with_safetensors(path: Path) -> dict[str, TensorInfo]:
+    """`read_header`, then the safetensors library's own validation of the header (it only maps the file,
+    touching no tensor data). Returns the header's tensors."""
     from safetensors import SafetensorError, safe_open
 
-    read_header(path)  # our checks first: clearer messages
+    infos = read_header(path)  # our checks first: clearer messages
     try:
         with safe_open(str(path), framework="pt"):
             pass
     except (SafetensorError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise Gemma4Error(f"{path}: truncated or corrupt safetensors file ({first})") from None
+    return infos
 
 
 # ---- streaming safetensors writer -----------------------------------------------------------------------

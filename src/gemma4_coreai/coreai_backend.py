@@ -15,8 +15,6 @@ The runtime is async only; one private event loop drives it from sync code. Runt
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import read_json, sha256_file
 from .errors import Gemma4Error
 from .export_coreai import require_coreai
 from .model import dequantize_ple
@@ -66,10 +65,7 @@ _METADATA_FIELDS = {("gemma4", "ple_mode"): lambda v: v in ("provider", "tbl"),
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """An export's metadata.json with the fields this backend reads checked; one-line Gemma4Error otherwise."""
-    try:
-        meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Gemma4Error(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    meta = read_json(path)
     if not isinstance(meta, dict) or not isinstance(meta.get("gemma4"), dict):
         raise Gemma4Error(f"{path}: no 'gemma4' section (not exported by this tool)")
     for (section, key), ok in _METADATA_FIELDS.items():
@@ -86,13 +82,8 @@ def check_graph(aimodel: Path) -> None:
     graph, digest = aimodel / "main.mlirb", aimodel / "main.hash"
     if not graph.is_file():
         raise Gemma4Error(f"{graph}: missing (re-run export-coreai)")
-    if digest.is_file():
-        h = hashlib.sha256()
-        with open(graph, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-        if h.digest() != digest.read_bytes():
-            raise Gemma4Error(f"{graph}: does not match main.hash (truncated or damaged; re-run export-coreai)")
+    if digest.is_file() and bytes.fromhex(sha256_file(graph)) != digest.read_bytes():
+        raise Gemma4Error(f"{graph}: does not match main.hash (truncated or damaged; re-run export-coreai)")
 
 
 class _SyncFunction:
