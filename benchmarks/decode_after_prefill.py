@@ -13,7 +13,7 @@ Session 10 (NOTES.md): the tiny synthetic model shows it too (0.201 against 0.17
 called directly after the graphed one restores the fast decode. `--gaps` profiles one decode step after each prefill
 kind and prints the kernel boundaries whose gap (start minus the previous kernel's end; negative: PDL overlap)
 changed most. Session 11 (NOTES.md): the gaps showed lost PDL overlap; neither the L1/shared-memory preference
-(cuCtxSetCacheConfig) nor the GEMVs' shared-memory carveout changed anything; one GEMV launched directly after the
+(cuCtxSetCacheConfig) nor the GEMVs' shared-memory carveout changed anything; a few GEMVs launched directly after the
 graph replay restores the fast decode. The engine now does that (`FastCudaBackend._settle_pdl`); the row "prefill
 graph, no PDL settle" shows the state it prevents.
 """

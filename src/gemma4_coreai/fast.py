@@ -68,6 +68,9 @@ PREFILL_CHUNK = 4096
 # Prompt pieces up to the largest of these are padded at the end to the next one and replayed as a CUDA graph (one
 # per length and KV bucket, captured on first use): a short prompt's prefill is otherwise mostly launch time.
 PREFILL_GRAPH_LENGTHS = (16, 32, 64, 128, 256, 512)
+# Direct GEMV launches after each prefill-graph replay (`_settle_pdl`): E4B needs at least 4 (1 was enough on
+# the tiny model), 8 leaves margin for a few microseconds.
+SETTLE_LAUNCHES = 8
 
 
 def fast_linear(m: Q4Linear, x: torch.Tensor) -> torch.Tensor:
@@ -729,17 +732,18 @@ class FastCudaBackend:
         return self._logits.clone()
 
     def _settle_pdl(self) -> None:
-        """One GEMV of the smallest linear, launched directly, after a prefill graph. Without it every later decode
-        step gets less PDL overlap: the tiny model decodes at 0.195 against 0.171 ms/token, E4B 8.7% slower
-        (NOTES.md, sessions 9-11). It is a device state that only a direct PDL launch resets; one launch costs
-        a few microseconds. Its output is discarded."""
+        """A few GEMVs of the smallest linear, launched directly, after a prefill graph. Without them every later
+        decode step gets less PDL overlap: the tiny model decodes at 0.195 against 0.171 ms/token, E4B at 2.694
+        against 2.491 (RESULTS.md, session 12). It is a device state that only direct PDL launches reset: one was
+        enough on the tiny model, E4B needs 4. Each costs a few microseconds; the output is discarded."""
         if not self.pdl:
             return
         if self._settle is None:
             lin = min((m for _, m in self.model.q4_linears()), key=lambda m: m.q4.numel())
             self._settle = (lin, torch.zeros(1, lin.in_features, dtype=self.dtype, device=self.device))
         with torch.inference_mode():
-            fast_linear(*self._settle)
+            for _ in range(SETTLE_LAUNCHES):
+                fast_linear(*self._settle)
 
     def _set_ple(self, token: int) -> None:
         if self._ple is None:
