@@ -14,7 +14,7 @@ called directly after the graphed one restores the fast decode. `--gaps` profile
 kind and prints the kernel boundaries whose gap (start minus the previous kernel's end; negative: PDL overlap)
 changed most. Session 11 (NOTES.md): the gaps showed lost PDL overlap; neither the L1/shared-memory preference
 (cuCtxSetCacheConfig) nor the GEMVs' shared-memory carveout changed anything; a few GEMVs launched directly after the
-graph replay restores the fast decode. The engine now does that (`FastCudaBackend._settle_pdl`); the row "prefill
+graph replay restore the fast decode. The engine now does that (`FastCudaBackend._settle_pdl`); the row "prefill
 graph, no PDL settle" shows the state it prevents.
 """
 

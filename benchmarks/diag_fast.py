@@ -2,7 +2,10 @@
 time vs wall time, top kernels), then the GEMV kernel picked per shape. Prefill: timed per chunk size, and one
 batched prefill profiled the same way.
 
-    PYTHONPATH=src python benchmarks/diag_fast.py [BUNDLE | tiny | e4b] [--prompt N] [--context N] [--chunks N ..]
+    PYTHONPATH=src python benchmarks/diag_fast.py [BUNDLE | tiny | e4b] [--prompt N] [--context N ..] [--chunks N ..]
+
+Several `--context` values profile decode at each in one process (one compile), e.g. `--context 128 4096
+--chunks` (no chunk sizes: no prefill timing) to see what a long cache adds to a step.
 
 A shape name synthesises and converts a bundle in a temporary directory first (E4B: ~3 min, 21 GB of disk).
 """
@@ -69,9 +72,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle", nargs="?", default="tiny")
     ap.add_argument("--prompt", type=int, default=4096, help="prefill length to profile")
-    ap.add_argument("--context", type=int, default=128, help="decode position to profile")
-    ap.add_argument("--chunks", type=int, nargs="+", default=[fast.PREFILL_CHUNK],
-                    help="prefill chunk sizes to time (fast.PREFILL_CHUNK is the default)")
+    ap.add_argument("--context", type=int, nargs="+", default=[128], help="decode positions to profile")
+    ap.add_argument("--chunks", type=int, nargs="*", default=[fast.PREFILL_CHUNK],
+                    help="prefill chunk sizes to time (fast.PREFILL_CHUNK is the default; none: skip prefill)")
     args = ap.parse_args()
     path = Path(args.bundle)
     if not path.exists():
@@ -82,33 +85,38 @@ def main() -> int:
         print(f"synth + convert {args.bundle}: {time.perf_counter() - t0:.0f} s")
     b = Bundle.open(path)
     cfg = b.config
-    max_ctx = min(b.max_context, max(args.prompt, args.context) + 512)
+    longest = max(args.prompt, *args.context)
+    max_ctx = min(b.max_context, longest + 512)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
         fb = FastCudaBackend.from_bundle(b, max_context=max_ctx)
         load = time.perf_counter() - t0
-        ids = torch.randint(3, cfg.vocab_size, (max(args.prompt, args.context),),
-                            generator=torch.Generator().manual_seed(0)).tolist()
+        ids = torch.randint(3, cfg.vocab_size, (longest,), generator=torch.Generator().manual_seed(0)).tolist()
         t0 = time.perf_counter()
         fb.reset()
-        first = int(fb.prefill(ids[:args.context]).argmax())
+        first = int(fb.prefill(ids[:args.context[0]]).argmax())
         fb.greedy(first, 4)
         build = time.perf_counter() - t0
     for x in w:
         print("WARNING:", str(x.message)[:400])
     print(f"{fb.describe()}; load {load:.1f} s, first decode build (compile + autotune + capture) {build:.1f} s")
 
-    fb.reset()
-    first = int(fb.prefill(ids[:args.context]).argmax())
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fb.greedy(first, 200)
-    torch.cuda.synchronize()
-    ms = (time.perf_counter() - t) / 200 * 1e3
-    print(f"decode at ~{args.context}: {ms:.3f} ms/token ({1e3 / ms:.1f} tok/s, greedy loop, 200 steps)")
-    g = fb._graphs[fb._bucket(fb.position)]
-    show(f"one decode step (graph replay, {cfg.num_layers} layers)", kernel_table(g.replay, top=16))
+    for ctx in args.context:
+        fb.reset()
+        first = int(fb.prefill(ids[:ctx]).argmax())
+        fb.greedy(first, 4)  # captures this bucket's graph outside the timing
+        fb.reset()
+        first = int(fb.prefill(ids[:ctx]).argmax())
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fb.greedy(first, 200)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t) / 200 * 1e3
+        print(f"decode at ~{ctx}: {ms:.3f} ms/token ({1e3 / ms:.1f} tok/s, greedy loop, 200 steps)")
+        g = fb._graphs[fb._bucket(fb.position)]
+        show(f"one decode step at {fb.position} (graph replay, {cfg.num_layers} layers)",
+             kernel_table(g.replay, top=16))
 
     for r in fb.gemv_report():
         print(f"gemv N={r['N']:>6} K={r['K']:>5}: {r['kernel']:<10} split {r['split']:>2} layout {r['layout']:<6} "

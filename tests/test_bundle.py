@@ -236,6 +236,12 @@ def test_inspect_bundle(tiny_bundle):
     assert math.isclose(info["lattice"]["summary"]["exact_fraction"], 1.0)
 
 
+def test_inspect_empty_directory(tmp_path):
+    with pytest.raises(Gemma4Error) as e:
+        inspect(tmp_path)
+    assert str(e.value) == f"{tmp_path}: neither a bundle (no manifest.json) nor a checkpoint (no config.json)"
+
+
 def _mapped(path) -> bool:
     """Whether this process maps `path` (Linux /proc; False where unavailable)."""
     maps = Path("/proc/self/maps")

@@ -165,7 +165,7 @@ def test_hub_id_without_network(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     msg = _error("google/gemma-4-E4B-it")
-    assert msg == ("google/gemma-4-E4B-it: cannot download from the Hugging Face hub "
+    assert msg == ("google/gemma-4-E4B-it: no such directory, and cannot download it from the Hugging Face hub "
                    "(ConnectionError: Name or service not known)")
     assert seen == {"repo_id": "google/gemma-4-E4B-it", "allow_patterns": HUB_PATTERNS}
 

@@ -49,14 +49,26 @@ def test_output_under_a_file(cmd, afile, tiny_ckpt, tiny_bundle, capsys):
     _refused(capsys, argv, f"error: {afile / 'sub'}: {afile} is a file, not a directory")
 
 
-def test_os_error_is_one_line(monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("filename", ["x.tmp-1/model.safetensors", "x.old-1", None])
+def test_os_error_names_the_output(filename, monkeypatch, tmp_path, capsys):
+    """A full disk: the error names the output the user gave, not a temporary sibling, and not nothing."""
     import gemma4_coreai.synth as synth
 
     def full(*a, **k):
-        raise OSError(28, "No space left on device", str(tmp_path / "x.tmp-1" / "model.safetensors"))
+        raise OSError(28, "No space left on device", None if filename is None else str(tmp_path / filename))
     monkeypatch.setattr(synth, "synthesize", full)
     _refused(capsys, ["synth", "--shape", "tiny", "-o", str(tmp_path / "x")],
-             f"error: {tmp_path / 'x.tmp-1' / 'model.safetensors'}: No space left on device")
+             f"error: {tmp_path / 'x'}: No space left on device")
+
+
+def test_os_error_names_its_file(monkeypatch, tmp_path, capsys):
+    import gemma4_coreai.synth as synth
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", "/etc/somewhere")
+    monkeypatch.setattr(synth, "synthesize", denied)
+    _refused(capsys, ["synth", "--shape", "tiny", "-o", str(tmp_path / "x")],
+             "error: /etc/somewhere: Permission denied")
 
 
 # ---- 2. bench -o: checked before the benchmark, written atomically ------------------------------------------

@@ -43,6 +43,20 @@ def test_hf_roundtrip(shape):
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+def test_final_logit_softcapping_absent_or_null_means_none():
+    """As in HF, where the field defaults to None and a None cap is skipped (real Gemma 4 configs say 30.0)."""
+    text = preset("tiny").to_hf_text_config()
+    assert from_hf_config(text).final_logit_softcap == 30.0
+    assert from_hf_config(text | {"final_logit_softcapping": None}).final_logit_softcap is None
+    absent = {k: v for k, v in text.items() if k != "final_logit_softcapping"}
+    cfg = from_hf_config(absent)
+    assert cfg.final_logit_softcap is None
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # the manifest keeps the null
+    assert from_hf_config(cfg.to_hf_text_config()) == cfg
+    with pytest.raises(Gemma4Error, match="field 'final_logit_softcapping' is 0, expected a positive number or null"):
+        from_hf_config(text | {"final_logit_softcapping": 0}, source="x.json")
+
+
 @pytest.mark.parametrize("patch, msg", [
     ({"enable_moe_block": True}, "x.json: field 'enable_moe_block' is true: MoE models are out of scope"),
     ({"num_experts": 8}, "x.json: field 'num_experts' is set: MoE models are out of scope"),

@@ -313,3 +313,15 @@ def test_export_of_another_bundle_refused(exported, tiny_ckpt, tmp_path_factory,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exported from another bundle than" in err[0], err
+
+
+@needs_coreai
+def test_cli_export_stderr_is_clean(tiny_bundle, tmp_path):
+    """The command as a user runs it: exit 0, the artifact written, and nothing on stderr (torch's LeafSpec
+    FutureWarning from the exporter's pytree specs used to print 2 lines per export)."""
+    out = tmp_path / "e"
+    p = subprocess.run([sys.executable, "-m", "gemma4_coreai.cli", "export-coreai", str(tiny_bundle), "-o", str(out),
+                        "--max-context", "32"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stderr == ""
+    assert [len(list(out.glob(f"gpu-pipelined/*/{f}"))) for f in ("*.aimodel", "metadata.json")] == [1, 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -10,7 +11,7 @@ from hf_reference import CONFIGS, Reference, build_reference, mini, single_threa
 
 from gemma4_coreai import oracle
 from gemma4_coreai.backends import TorchBackend
-from gemma4_coreai.model import Gemma4Model, Q4Linear, dequant_linear, gather_ple_rows, set_linear_fn
+from gemma4_coreai.model import Gemma4Model, Q4Linear, dequant_linear, gather_ple_rows, set_linear_fn, softcap
 
 PROMPT_LEN, NEW_TOKENS, MAX_CTX = 40, 32, 96  # prompt longer than every sliding window (16 / 8)
 TOL_FP32 = 1e-3
@@ -100,6 +101,15 @@ def test_fp32_matches_hf(name: str, ple_mode: str) -> None:
     assert toks == want[PROMPT_LEN - 1: PROMPT_LEN - 1 + NEW_TOKENS].argmax(-1).tolist()
     assert len(set(prefill.argmax(-1).tolist())) > 1  # not a degenerate model
     assert be.position == PROMPT_LEN + NEW_TOKENS - 1
+
+
+def test_no_softcap_matches_hf() -> None:
+    """final_logit_softcapping null: HF skips the cap, and so must we."""
+    ref = build_reference(dataclasses.replace(mini(), final_logit_softcap=None))
+    ids = prompt(ref)
+    got, want = backend(ref).forward_all(ids), ref.logits(ids)
+    assert float((got - want).abs().max()) <= TOL_FP32
+    assert float((softcap(want, 30.0) - want).abs().max()) > 100 * TOL_FP32  # a cap of 30 would have failed
 
 
 def test_hf_cache_path_agrees() -> None:

@@ -448,6 +448,8 @@ def inspect(path: str | Path, progress: bool = False) -> dict[str, Any]:
                 "lattice": {"summary": lat.get("summary", {}), "tensors": lat.get("tensors", {})},
                 "oracle": b.manifest.get("oracle"), "source": b.manifest.get("source"),
                 "created": b.manifest.get("created"), "tool_version": b.manifest.get("tool_version")}
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise Gemma4Error(f"{p}: neither a bundle (no manifest.json) nor a checkpoint (no config.json)")
     ckpt = Checkpoint.open(p).validate()
     cfg = ckpt.config
     report = quant.LatticeReport()

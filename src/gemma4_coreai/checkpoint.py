@@ -303,7 +303,8 @@ def _download(hub_id: str) -> Path:
         return Path(snapshot_download(hub_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # network, auth, not found: one line naming the id
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise Gemma4Error(f"{hub_id}: cannot download from the Hugging Face hub ({type(e).__name__}"
+        raise Gemma4Error(f"{hub_id}: no such directory, and cannot download it from the Hugging Face hub "
+                          f"({type(e).__name__}"
                           f"{': ' + msg[:200] if msg else ''})") from None
 
 

@@ -601,11 +601,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_third_party() -> None:
-    """torchao (pulled in by coreai-opt) logs a warning per CUDA library it can't load on CPU machines."""
+    """torchao (pulled in by coreai-opt) logs a warning per CUDA library it can't load on CPU machines; the Core AI
+    exporter's pytree specs trigger torch's LeafSpec deprecation (FutureWarning, 2 lines) on every export."""
     import logging
+    import warnings
 
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 
 def _stdout_to_devnull() -> None:
@@ -617,6 +620,7 @@ def _stdout_to_devnull() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         _quiet_third_party()
         args = build_parser().parse_args(argv)  # imports torch: Ctrl-C can land here too
@@ -632,9 +636,19 @@ def main(argv: list[str] | None = None) -> int:
         _stdout_to_devnull()
         return 141
     except OSError as e:  # an output that can't be written: parent is a file, no permission, disk full
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"error: {_os_error_path(e, getattr(args, 'out', None))}{e.strerror or e}", file=sys.stderr)
         return 2
+
+
+def _os_error_path(e: OSError, out: Path | None) -> str:
+    """The path to name: the output itself for a failed write (a full disk names no file) or for its temporary
+    siblings (`OUT.tmp-PID`, `OUT.old-PID`, `.OUT.tmp-PID`: names the user never asked for), else the file the
+    error names."""
+    if out is not None:
+        temps = (f"{out}.tmp-", f"{out}.old-", str(out.parent / f".{out.name}.tmp-"))
+        if not e.filename or str(e.filename).startswith(temps):
+            return f"{out}: "
+    return f"{e.filename}: " if e.filename else ""
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ class ModelConfig:
     num_kv_shared_layers: int
     sliding_window: int
     layer_types: tuple[str, ...]
-    final_logit_softcap: float = 30.0
+    final_logit_softcap: float | None = 30.0  # None: no softcap (HF's default when the field is absent or null)
     rms_norm_eps: float = 1e-6
     rope_theta_sliding: float = 10_000.0
     rope_theta_full: float = 1_000_000.0
@@ -265,6 +265,7 @@ _KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "size": ("a positive integer", lambda v: _is_int(v) and v > 0),
     "count": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
     "positive": ("a positive number", lambda v: _is_num(v) and v > 0),
+    "positive_or_none": ("a positive number or null", lambda v: v is None or (_is_num(v) and v > 0)),
     "fraction": ("a number in (0, 1]", lambda v: _is_num(v) and 0 < v <= 1),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "layer_types": (f"a non-empty list of {SLIDING!r} / {FULL!r}",
@@ -275,7 +276,7 @@ _FIELDS = {
     "vocab_size": "size", "hidden_size": "size", "intermediate_size": "size", "num_layers": "size",
     "num_heads": "size", "num_kv_heads": "size", "head_dim": "size", "global_head_dim": "size", "ple_dim": "size",
     "num_kv_shared_layers": "count", "sliding_window": "size", "layer_types": "layer_types",
-    "final_logit_softcap": "positive", "rms_norm_eps": "positive", "rope_theta_sliding": "positive",
+    "final_logit_softcap": "positive_or_none", "rms_norm_eps": "positive", "rope_theta_sliding": "positive",
     "rope_theta_full": "positive", "partial_rotary_factor_full": "fraction",
     "partial_rotary_factor_sliding": "fraction", "double_wide_mlp": "bool", "max_position_embeddings": "size",
     "bos_token_id": "token", "eos_token_id": "token", "pad_token_id": "token",
@@ -437,7 +438,7 @@ def from_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         "num_kv_shared_layers": get("num_kv_shared_layers", 0),
         "sliding_window": get("sliding_window", 512),
         "layer_types": tuple(layer_types),
-        "final_logit_softcap": get("final_logit_softcapping", 30.0),
+        "final_logit_softcap": get("final_logit_softcapping"),  # absent or null: none, as in HF
         "rms_norm_eps": get("rms_norm_eps", 1e-6),
         "rope_theta_sliding": rs.get("rope_theta", 10_000.0),
         "rope_theta_full": rf.get("rope_theta", 1_000_000.0),

@@ -98,8 +98,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
     return (probs @ v).view(1, hq, s, d)
 
 
-def softcap(logits: Tensor, cap: float) -> Tensor:
-    """`cap * tanh(z / cap)` in fp32."""
+def softcap(logits: Tensor, cap: float | None) -> Tensor:
+    """`cap * tanh(z / cap)` in fp32; no cap (None) leaves the logits as they are, in fp32."""
+    if cap is None:
+        return logits.float()
     return torch.tanh(logits.float() / cap) * cap
 
 
