@@ -13,6 +13,7 @@ from gemma4_coreai.generate import (
     Sampler,
     SamplingParams,
     StreamDetokenizer,
+    default_stop_ids,
     encode_chat,
     generate,
     render_chat,
@@ -93,6 +94,7 @@ def test_stop_tokens_and_result(tok):
     assert res.tokens == hello
     assert res.text == "the sea"
     assert be.fed[-1] == hello[-1]  # the stop token is never fed back
+    assert res.decode_steps == len(hello)  # the decode call that produced the stop token is timed work too
 
     be = ScriptedBackend(hello + [EOS])
     assert generate(be, tok, [2], max_new_tokens=20).finish_reason == "stop"
@@ -118,9 +120,13 @@ def test_thought_channel_is_separated(tok):
 def test_context_limit(tok):
     be = ScriptedBackend([5] * 100, max_context=10)
     res = generate(be, tok, [2, 3, 4], max_new_tokens=50)
-    assert res.finish_reason == "context" and len(res.tokens) == 7
-    with pytest.raises(Gemma4Error, match="prompt is 10 tokens; the bundle's max context is 10"):
-        generate(be, tok, list(range(10)), max_new_tokens=5)
+    # every KV slot used: 3 prompt tokens + 7 fed back; the 8th token needs no slot
+    assert res.finish_reason == "context" and len(res.tokens) == 8 and len(be.fed) == 10
+    assert res.decode_steps == 7
+    res = generate(be, tok, list(range(10)), max_new_tokens=5)  # a full context still yields its next token
+    assert res.finish_reason == "context" and len(res.tokens) == 1 and len(be.fed) == 10
+    with pytest.raises(Gemma4Error, match="prompt is 11 tokens; the bundle's max context is 10"):
+        generate(be, tok, list(range(11)), max_new_tokens=5)
     with pytest.raises(Gemma4Error, match="token id 600 is out of range for the vocabulary of 512"):
         generate(be, tok, [2, 600], max_new_tokens=5, vocab_size=V)
 
@@ -144,3 +150,52 @@ def test_sampling_defaults_from_generation_config():
     assert SamplingParams.from_generation_config(gen, greedy=True).greedy
     with pytest.raises(Gemma4Error, match="top_p must be in"):
         SamplingParams.from_generation_config(gen, top_p=1.5)
+
+
+@pytest.mark.parametrize("override", [{"temperature": 1.5}, {"top_k": 5}, {"top_p": 0.9}, {"seed": 3}])
+def test_sampling_options_sample_where_the_config_does_not(override):
+    """generation_config without do_sample (or false) is greedy, unless the user asks for sampling."""
+    for gen in ({}, {"do_sample": False, "temperature": 0.7}):
+        assert SamplingParams.from_generation_config(gen).greedy
+        assert not SamplingParams.from_generation_config(gen, **override).greedy
+        assert SamplingParams.from_generation_config(gen, greedy=True, **override).greedy
+    assert SamplingParams.from_generation_config({}, temperature=0.0).greedy  # temperature 0 stays greedy
+
+
+def test_sampler_leaves_global_rng_alone():
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    Sampler(SamplingParams())  # no seed: one from the OS
+    Sampler(SamplingParams(greedy=True))
+    assert torch.equal(torch.rand(3), want)
+
+
+def test_tiny_temperature_is_near_greedy():
+    logits = torch.tensor([0.0, 3.0, 2.9, -5.0, 1.0])
+    for t in (1e-40, 1e-300, 5e-324):
+        assert {Sampler(SamplingParams(seed=s, temperature=t))(logits) for s in range(5)} == {1}
+
+
+def test_default_stop_ids_from_generation_config():
+    assert default_stop_ids(None) == (TURN_CLOSE, EOS)
+    assert default_stop_ids({"eos_token_id": 391}) == (TURN_CLOSE, EOS, 391)
+    assert default_stop_ids({"eos_token_id": [1, 106, 391]}) == (TURN_CLOSE, EOS, 391)
+
+
+def test_chat_template_environment_matches_transformers():
+    """What transformers' apply_chat_template gives a template: loop controls, its tojson (keys in order, no
+    escaping), the special tokens, strftime_now; an empty system turn is rendered."""
+    msgs = [{"role": "user", "content": "a<b & 'c' é"}]
+    assert render_chat("{% for m in messages %}{{ m.role }}{% break %}x{% endfor %}", msgs) == "user"
+    assert render_chat("{{ messages[0] | tojson }}", msgs) == '{"role": "user", "content": "a<b & \'c\' é"}'
+    assert render_chat("{{ bos_token }}{{ eos_token }}", msgs) == "<bos><eos>"
+    assert len(render_chat("{{ strftime_now('%Y-%m-%d') }}", msgs)) == 10
+    tpl = chat_template()
+    assert render_chat(tpl, [{"role": "system", "content": ""}, *msgs]).startswith("<bos><|turn>system\n<turn|>")
+
+
+def test_chat_template_errors_are_one_line():
+    with pytest.raises(Gemma4Error) as e:
+        render_chat("{{ messages[0]['content'] + 1 }}", [{"role": "user", "content": "x"}])
+    assert str(e.value).startswith("chat template: TypeError: ") and "\n" not in str(e.value)

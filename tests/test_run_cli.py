@@ -121,9 +121,12 @@ def test_verify_without_oracle_says_so(tiny_bundle, capsys):
 
 def test_prompt_over_max_context(tmp_path_factory, tiny_ckpt, capsys):
     small = make_bundle(tmp_path_factory, tiny_ckpt, max_context=8)
-    assert main(["generate", str(small), "--prompt-ids", ",".join(["5"] * 8)]) == 2
-    assert _error_line(capsys) == ("error: the prompt is 8 tokens; the bundle's max context is 8 (leave room for "
-                                   "at least one new token, or convert with a larger --max-context)")
+    assert main(["generate", str(small), "--prompt-ids", ",".join(["5"] * 9)]) == 2
+    assert _error_line(capsys) == ("error: the prompt is 9 tokens; the bundle's max context is 8 (shorten the "
+                                   "prompt, or convert with a larger --max-context)")
+    assert main(["generate", str(small), "--prompt-ids", ",".join(["5"] * 8), "--json"]) == 0  # a full context
+    out = json.loads(capsys.readouterr().out)  # still yields the one token its last position predicts
+    assert len(out["tokens"]) == 1 and out["finish_reason"] == "context"
 
 
 def test_token_id_out_of_range(oracle_bundle, capsys):

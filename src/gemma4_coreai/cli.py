@@ -317,7 +317,7 @@ def _parse_ids(text: str) -> list[int]:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .bundle import Bundle
-    from .generate import BOS, GenerationResult, SamplingParams, encode_chat, stream_generate
+    from .generate import BOS, GenerationResult, SamplingParams, default_stop_ids, encode_chat, stream_generate
 
     if args.prompt_ids is not None and args.chat:
         raise Gemma4Error("--chat formats --prompt text; --prompt-ids are fed as they are (drop one)")
@@ -347,7 +347,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingParams.from_generation_config(
         b.generation_config or {}, greedy=True if args.greedy else None, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    stop = tuple(args.stop_ids) if args.stop_ids else (106, 1)
+    stop = tuple(args.stop_ids) if args.stop_ids else default_stop_ids(b.generation_config)
     backend = _backend(args, b)
     result = None
     in_thought = False
@@ -394,7 +394,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="at least 1 (default 256)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
     p.add_argument("--temperature", type=float, default=None, metavar="T",
-                   help="sampling temperature >= 0; 0 = greedy (default: the bundle's generation_config, else 1)")
+                   help="sampling temperature >= 0; 0 = greedy (default: the bundle's generation_config, else 1). "
+                        "Any of --temperature, --top-k, --top-p, --seed samples even where generation_config "
+                        "says do_sample false")
     p.add_argument("--top-k", type=int, default=None, metavar="K",
                    help="sample from the K most likely tokens; 0 = off (default: generation_config, else 0)")
     p.add_argument("--top-p", type=float, default=None, metavar="P",
@@ -402,7 +404,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="N",
                    help="sampling seed in [0, 2**63) (reproducible output; default: random)")
     p.add_argument("--stop-ids", type=int, nargs="+", default=None, metavar="ID",
-                   help="stop token ids (default: 106 <turn|> and 1 <eos>)")
+                   help="stop token ids, replacing the default: 106 <turn|>, 1 <eos> and the bundle's "
+                        "generation_config eos_token_id")
     p.add_argument("--json", action="store_true", help="print one JSON object: token ids, text, timings")
     _add_backend_args(p)
     p.set_defaults(func=_cmd_generate)
@@ -486,7 +489,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from .backends import TorchBackend
     from .bundle import Bundle, convert
-    from .generate import GenerationResult, SamplingParams, encode_chat, stream_generate
+    from .generate import GenerationResult, SamplingParams, default_stop_ids, encode_chat, stream_generate
     from .oracle import convert_hook, verify
     from .synth import synthesize
 
@@ -519,7 +522,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         sampling = SamplingParams.from_generation_config(b.generation_config or {}, seed=args.seed)
         res = None
         for ev in stream_generate(TorchBackend.from_bundle(b), b.tokenizer(), ids, max_new_tokens=48,
-                                  sampling=sampling, vocab_size=b.config.vocab_size):
+                                  sampling=sampling, stop_ids=default_stop_ids(b.generation_config),
+                                  vocab_size=b.config.vocab_size):
             if isinstance(ev, GenerationResult):
                 res = ev
             else:

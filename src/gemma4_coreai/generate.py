@@ -7,6 +7,8 @@ window per token and holds back an incomplete UTF-8 tail, so a long reply costs 
 
 from __future__ import annotations
 
+import json
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import Gemma4Error
@@ -22,6 +25,13 @@ EOS, BOS, TURN_OPEN, TURN_CLOSE, NEWLINE = 1, 2, 105, 106, 107
 THINK, CHANNEL_OPEN, CHANNEL_CLOSE = 98, 100, 101
 TOOL_CALL_CLOSE = 50
 DEFAULT_STOP = (TURN_CLOSE, EOS)
+
+
+def default_stop_ids(generation_config: dict[str, Any] | None) -> tuple[int, ...]:
+    """`<turn|>`, `<eos>` and the generation config's `eos_token_id` (an id or a list), as transformers stops."""
+    eos = (generation_config or {}).get("eos_token_id")
+    extra = [eos] if isinstance(eos, int) else list(eos or [])
+    return tuple(dict.fromkeys([*DEFAULT_STOP, *extra]))
 
 
 class Backend(Protocol):
@@ -34,25 +44,47 @@ class Backend(Protocol):
 
 # ---- chat formatting -------------------------------------------------------------------------------------
 
+# Gemma's special tokens, passed to the template as transformers passes the tokenizer's special_tokens_map.
+SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    """transformers' `tojson` (Jinja's own sorts keys and HTML-escapes, so a template would render other text)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    import datetime
+
+    return datetime.datetime.now().strftime(fmt)
+
+
 def render_chat(template: str, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
-                enable_thinking: bool = False, bos_token: str = "<bos>", **extra: Any) -> str:
-    """Render a chat template in a sandbox (no attribute access to Python internals, no file system)."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                enable_thinking: bool = False, **extra: Any) -> str:
+    """Render a chat template in a sandbox (no attribute access to Python internals, no file system), in the
+    environment transformers' `apply_chat_template` gives it: loop controls, its `tojson`, `strftime_now`,
+    `raise_exception` and the special tokens. Any failure is one line."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
 
     def raise_exception(msg: str) -> None:
         raise TemplateError(msg)
 
-    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=_strftime_now)
     try:
         return env.from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
-            bos_token=bos_token, **extra)
+            **(SPECIAL_TOKENS | extra))
     except TemplateError as e:
         raise Gemma4Error(f"chat template: {e}") from None
+    except Exception as e:  # a template's own error (e.g. str + int): still one line, naming the template
+        raise Gemma4Error(f"chat template: {type(e).__name__}: {e}") from None
 
 
 def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
-    msgs = [{"role": "system", "content": system}] if system else []
+    """A system turn when `system` is given, even empty (as transformers renders it), then the user turn."""
+    msgs = [{"role": "system", "content": system}] if system is not None else []
     return msgs + [{"role": "user", "content": prompt}]
 
 
@@ -76,12 +108,17 @@ class SamplingParams:
 
     @classmethod
     def from_generation_config(cls, gen: dict[str, Any], **overrides: Any) -> SamplingParams:
-        """Defaults from the bundle's generation_config.json; explicit (non-None) overrides win."""
+        """Defaults from the bundle's generation_config.json; explicit (non-None) overrides win. A sampling
+        override (temperature, top_k, top_p, seed) asks for sampling even where the config says do_sample false
+        (transformers would ignore it with a warning; a CLI user who types --temperature means it)."""
         p = cls(greedy=not gen.get("do_sample", False), temperature=float(gen.get("temperature", 1.0)),
                 top_k=int(gen.get("top_k", 0) or 0), top_p=float(gen.get("top_p", 1.0)))
         for k, v in overrides.items():
             if v is not None:
                 setattr(p, k, v)
+        if overrides.get("greedy") is None and any(overrides.get(k) is not None
+                                                   for k in ("temperature", "top_k", "top_p", "seed")):
+            p.greedy = False
         if p.temperature <= 0:
             p.greedy = True
         if not 0 < p.top_p <= 1:
@@ -94,18 +131,19 @@ class SamplingParams:
 class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.p = params
-        self.gen = torch.Generator().manual_seed(params.seed if params.seed is not None else
-                                                 torch.seed() % (2**63))
+        # No seed: a fresh one from the OS, leaving torch's global generator (the caller's) alone.
+        self.gen = torch.Generator().manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
 
     def __call__(self, logits: torch.Tensor) -> int:
         logits = logits.float().cpu()
         if self.p.greedy:
             return int(torch.argmax(logits))
-        logits = logits / self.p.temperature
+        # Shifted by the max before dividing (in fp64): a tiny temperature gives -inf, never inf - inf = NaN.
+        logits = (logits.double() - logits.max()) / self.p.temperature
         if self.p.top_k:
             kth = torch.topk(logits, min(self.p.top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.softmax(logits, dim=-1).float()
         if self.p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_p, 0) - sorted_p < self.p.top_p  # always keeps the top token
@@ -168,6 +206,7 @@ class GenerationResult:
     finish_reason: str = "length"  # "stop", "length" or "context"
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    decode_steps: int = 0  # backend.decode calls: every token after the first, the stop token included
 
     @property
     def prefill_tps(self) -> float:
@@ -175,7 +214,7 @@ class GenerationResult:
 
     @property
     def decode_tps(self) -> float:
-        n = len(self.tokens) - 1
+        n = self.decode_steps
         return n / self.decode_s if n > 0 and self.decode_s else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,9 +230,9 @@ def check_prompt(ids: Sequence[int], vocab_size: int, max_context: int) -> None:
     for t in ids:
         if not 0 <= t < vocab_size:
             raise Gemma4Error(f"token id {t} is out of range for the vocabulary of {vocab_size}")
-    if len(ids) >= max_context:
+    if len(ids) > max_context:
         raise Gemma4Error(f"the prompt is {len(ids)} tokens; the bundle's max context is {max_context} "
-                          f"(leave room for at least one new token, or convert with a larger --max-context)")
+                          f"(shorten the prompt, or convert with a larger --max-context)")
 
 
 def stream_generate(backend: Backend, tokenizer, prompt_ids: Sequence[int], *, max_new_tokens: int = 256,
@@ -208,7 +247,8 @@ def stream_generate(backend: Backend, tokenizer, prompt_ids: Sequence[int], *, m
     res = GenerationResult(prompt_tokens=len(prompt_ids))
     answer, thought = StreamDetokenizer(tokenizer), StreamDetokenizer(tokenizer)
     channel, raw_thought = "answer", ""
-    budget = min(max_new_tokens, backend.max_context - len(prompt_ids))
+    # The prompt fills len(prompt_ids) KV slots and every token but the last one fed back takes one more.
+    budget = min(max_new_tokens, backend.max_context - len(prompt_ids) + 1)
 
     backend.reset()
     t0 = time.perf_counter()
@@ -241,6 +281,7 @@ def stream_generate(backend: Backend, tokenizer, prompt_ids: Sequence[int], *, m
             res.finish_reason = "length" if len(res.tokens) >= max_new_tokens else "context"
             break
         logits = backend.decode(token)
+        res.decode_steps += 1
         token = sampler(logits)
     res.decode_s = time.perf_counter() - t1
     # An incomplete UTF-8 tail held back at the very end is streamed as is (token None: no new token).
