@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import make_bundle, make_ckpt
@@ -254,6 +255,15 @@ def test_outputs_never_replace_their_input(tiny_bundle, tmp_path, capsys, no_ben
     _refused(capsys, ["bench", str(tiny_bundle), "-o", str(target), "--force"],
              f"error: {target}: the output would replace or write into the source {tiny_bundle}; choose another path")
     assert Bundle.open(tiny_bundle).config.vocab_size > 0  # still intact
+
+
+@pytest.mark.parametrize("cmd", [["convert", "{ckpt}", "-o", "{ckpt}/sub"], ["export-coreai", "{b}", "-o", "{b}/x"]])
+def test_outputs_never_write_into_their_input(cmd, tiny_ckpt, tiny_bundle, capsys):
+    argv = [a.format(ckpt=tiny_ckpt, b=tiny_bundle) for a in cmd]
+    before = sorted(p.name for p in Path(argv[1]).iterdir())
+    _refused(capsys, argv + ["--force"],
+             f"error: {argv[3]}: the output would replace or write into the source {argv[1]}; choose another path")
+    assert sorted(p.name for p in Path(argv[1]).iterdir()) == before
 
 
 def test_special_files_and_empty_paths_refused(tiny_bundle, tiny_ckpt, tmp_path, capsys, no_bench):

@@ -317,11 +317,13 @@ def test_export_of_another_bundle_refused(exported, tiny_ckpt, tmp_path_factory,
 
 @needs_coreai
 def test_cli_export_stderr_is_clean(tiny_bundle, tmp_path):
-    """The command as a user runs it: exit 0, the artifact written, and nothing on stderr (torch's LeafSpec
-    FutureWarning from the exporter's pytree specs used to print 2 lines per export)."""
+    """The command as a user runs it: exit 0, the artifact written, nothing on stderr (torch's LeafSpec
+    FutureWarning from the exporter's pytree specs used to print 2 lines per export), and -q keeps stdout short."""
     out = tmp_path / "e"
     p = subprocess.run([sys.executable, "-m", "gemma4_coreai.cli", "export-coreai", str(tiny_bundle), "-o", str(out),
-                        "--max-context", "32"], capture_output=True, text=True, timeout=600)
+                        "--max-context", "32", "-q"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stderr == ""
+    lines = p.stdout.splitlines()  # -q: what was written and the time only (no coreai-torch progress either)
+    assert [ln.split()[0] for ln in lines] == ["wrote", "export"], lines
     assert [len(list(out.glob(f"gpu-pipelined/*/{f}"))) for f in ("*.aimodel", "metadata.json")] == [1, 1]

@@ -359,7 +359,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         check_out_path(args.out, force=args.force, file=True)
-        refuse_overwriting_source(args.out, args.bundle, inside_too=True)
+        refuse_overwriting_source(args.out, args.bundle)
     rec = bench(args.bundle, device=args.device, prompt_lens=args.prompt_len, gen_len=args.gen_len,
                 repeats=args.repeats, warmup=args.warmup, ple_mode=args.ple_mode, engine=args.engine,
                 dtype=args.dtype, seed=args.seed, compile=not args.no_compile, progress=not args.json)

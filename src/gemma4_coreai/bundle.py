@@ -512,8 +512,15 @@ def format_inspect(info: dict[str, Any]) -> str:
                              f"{t.get('worst_rel_err', 0):.3g}")
         else:
             lines.append("            every quantized tensor is on its lattice (QAT-clean)")
-    if info["kind"] == "bundle" and info.get("oracle") is not None:
-        lines.append(f"  oracle    {json.dumps(info['oracle'])[:200]}")
+    if info["kind"] == "bundle":
+        o = info.get("oracle")
+        if o is None:
+            lines.append("  oracle    none stored (converted with --no-oracle, or the reference did not fit)")
+        else:
+            ref = o.get("reference", {})
+            lines.append(f"  oracle    {len(o.get('reference_ids', []))} greedy tokens of the {ref.get('dtype', '?')} "
+                         f"{ref.get('library', '?')} {ref.get('version', '')} reference after a "
+                         f"{len(o.get('prompt_ids', []))}-token prompt (`verify` checks them)")
     return "\n".join(lines)
 
 

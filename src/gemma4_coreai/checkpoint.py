@@ -459,11 +459,11 @@ class SafetensorsWriter:
 
 # ---- atomic output and progress ------------------------------------------------------------------------
 
-def refuse_overwriting_source(out: str | Path, src: str | Path, inside_too: bool = False) -> None:
-    """An output that is the source, or a folder holding it (or with `inside_too`, a path inside it), would
-    delete or damage the source when written (--force replaces a directory): refused whatever the flags."""
+def refuse_overwriting_source(out: str | Path, src: str | Path) -> None:
+    """An output that is the source, a folder holding it, or a path inside it would delete or change the source
+    when written (--force replaces a directory): refused whatever the flags."""
     o, s = Path(out).resolve(), Path(src).resolve()
-    if o == s or o in s.parents or (inside_too and s in o.parents):
+    if o == s or o in s.parents or s in o.parents:
         raise Gemma4Error(f"{out}: the output would replace or write into the source {src}; choose another path")
 
 

@@ -237,7 +237,7 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, choices=("cpu", "cuda"),
                    help="torch device (default: cpu; fast: cuda)")
     g.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
-                   help="torch compute dtype (default: fp32 on cpu, bf16 on cuda)")
+                   help="torch compute dtype (default: fp32 on cpu, bf16 on cuda; fp16 on cuda only)")
     g.add_argument("--ple-mode", default=None, choices=("provider", "tbl"),
                    help="per-layer embeddings: provider = rows gathered from the memory-mapped int8 table each "
                         "step (default on cpu); tbl = table resident on the device, gathered in-graph (default on "

@@ -562,15 +562,21 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="KV cache state dtype: fp16 (the published contract) or fp32 (unrounded K/V, twice the "
                         "state memory) (default fp16)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (only after success)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (only what was written)")
     return p
 
 
 def run_export(args: argparse.Namespace) -> int:
+    import contextlib
+    import io
+
     t0 = time.perf_counter()
-    dirs = export_coreai(args.bundle, args.out, mode=args.mode, max_context=args.max_context,
-                         kv_dtype=getattr(args, "kv_dtype", "fp16"), force=args.force,
-                         log=(lambda s: None) if getattr(args, "quiet", False) else print)
+    quiet = getattr(args, "quiet", False)
+    # -q: coreai-torch's own progress bar writes to stdout too; the summary lines below still print
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        dirs = export_coreai(args.bundle, args.out, mode=args.mode, max_context=args.max_context,
+                             kv_dtype=getattr(args, "kv_dtype", "fp16"), force=args.force,
+                             log=(lambda s: None) if quiet else print)
     for d in dirs:
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
         print(f"wrote {d} ({size / 1024**3:.3f} GiB)")
