@@ -6,7 +6,9 @@ step and peak memory for each configuration, a short table last.
 Keys: pdl (programmatic dependent launch, GEMVs + inductor), reduce (in-kernel split-K sums), cprefill (compiled
 prefill), dattn (1: the Triton decode attention, 0: model.py's), regional (1: a compiled graph per layer kind, 0:
 the whole step as one graph), mk (inductor's multi_kernel: reductions up to 16x longer may be persistent, the
-faster variant picked at run time), cdt (inductor's coordinate-descent tuning of its kernels' launch configs).
+faster variant picked at run time), cdt (inductor's coordinate-descent tuning of its kernels' launch configs),
+combo (inductor's combo kernels: independent small kernels, e.g. the q and k norms, launched as one), aggr
+(inductor's aggressive fusion: fuses nodes that share no memory access too).
 `--quick`: decode only (no prefill timings, no PDL-off re-capture). A config with pdl=1 is also measured with the GEMVs'
 PDL switched off after the fact ("gemv-pdl-off": the same compiled code and picks, graphs re-captured, greedy tokens
 checked equal), which separates the GEMVs' share of PDL from inductor's. Each config prints its per-kernel profile
@@ -33,7 +35,8 @@ from gemma4_coreai.fast import FastCudaBackend  # noqa: E402
 
 KEYS = {"pdl": "pdl", "reduce": "reduce", "cprefill": "compile_prefill", "dattn": "decode_attention",
         "regional": "compile"}
-INDUCTOR = {"mk": "triton.multi_kernel", "cdt": "coordinate_descent_tuning"}  # global inductor config, per config
+INDUCTOR = {"mk": "triton.multi_kernel", "cdt": "coordinate_descent_tuning",  # global inductor config, per config
+            "combo": "combo_kernels", "aggr": "aggressive_fusion"}
 
 
 def parse(spec: str) -> tuple[str, dict[str, bool], dict[str, int]]:
