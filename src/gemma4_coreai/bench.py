@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import platform
 import resource
 import statistics
@@ -341,20 +340,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     return p
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a temp file next to `path`, then rename it over: `path` is complete or untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def run_bench(args: argparse.Namespace) -> int:
-    from .checkpoint import refuse_overwriting_source
+    from .checkpoint import refuse_overwriting_source, write_text_atomic
     from .cli import check_out_path
 
     if args.out is not None:
@@ -365,7 +352,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 dtype=args.dtype, seed=args.seed, compile=not args.no_compile, progress=not args.json)
     text = json.dumps(rec, indent=2)
     if args.out is not None:
-        _write_atomic(args.out, text + "\n")
+        write_text_atomic(args.out, text + "\n")
     print(text if args.json else format_table(rec))
     return 0
 

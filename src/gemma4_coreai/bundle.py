@@ -446,7 +446,7 @@ def inspect(path: str | Path, progress: bool = False) -> dict[str, Any]:
                 "bytes": counts, "files": actual, "total_bytes": sum(actual.values()),
                 "fp32_scale_tensors": fp32_scales,
                 "lattice": {"summary": lat.get("summary", {}), "tensors": lat.get("tensors", {})},
-                "oracle": b.manifest.get("oracle"), "source": b.manifest.get("source"),
+                "oracle": b.oracle, "source": b.manifest.get("source"),
                 "created": b.manifest.get("created"), "tool_version": b.manifest.get("tool_version")}
     if p.is_dir() and not (p / "config.json").is_file():
         raise Gemma4Error(f"{p}: neither a bundle (no manifest.json) nor a checkpoint (no config.json)")

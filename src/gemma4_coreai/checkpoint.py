@@ -191,8 +191,7 @@ class Checkpoint:
         files = _weight_files(p)
         raw: dict[str, TensorInfo] = {}
         for f in files:
-            _check_with_safetensors(f)
-            for key, info in read_header(f).items():
+            for key, info in _check_with_safetensors(f).items():
                 if key in raw:
                     raise Gemma4Error(f"{p}: tensor '{key}' is in two shards ({raw[key].file.name} and {f.name})")
                 raw[key] = info
@@ -465,6 +464,18 @@ def refuse_overwriting_source(out: str | Path, src: str | Path) -> None:
     o, s = Path(out).resolve(), Path(src).resolve()
     if o == s or o in s.parents or s in o.parents:
         raise Gemma4Error(f"{out}: the output would replace or write into the source {src}; choose another path")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a temp file next to `path` (`.NAME.tmp-PID`), then rename it over: `path` is complete or untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_dir(out: Path, body: Callable[[Path], None], force: bool = False) -> Path:

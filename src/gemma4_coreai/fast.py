@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from . import kernels  # noqa: F401  (registers torch.ops.gemma4.*)
 from .backends import TorchBackend, _BundleTensors, _compile_mode, compile_layers, error_line, uncompile_layers
+from .checkpoint import write_text_atomic
 from .errors import Gemma4Error
 from .kernels import (
     FRAG_VARIANTS,
@@ -317,12 +318,9 @@ class GemvTuningCache:
             return
         self._all[self.header] = self.picks
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self._all, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, json.dumps(self._all, indent=1, sort_keys=True))
             self._saved = dict(self.picks)
-        except OSError:
+        except OSError:  # a read-only cache location: the picks are simply re-tuned next time
             pass
 
 
