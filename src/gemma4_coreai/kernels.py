@@ -338,9 +338,7 @@ if HAVE_TRITON:
                                   D: tl.constexpr, BLOCK_T: tl.constexpr):
         """Program (h, s): the G query heads of KV head h against keys [s * T_SPLIT, (s + 1) * T_SPLIT): the running
         max m, sum l and unnormalised output acc of an online softmax (fp32; scores from half-precision products
-        with fp32 accumulation, scale 1.0) -> m, l [H, S, G], acc [H, S, G, D]. Keys the mask hides are not read,
-        and a block of keys it hides whole is skipped: a sliding layer scans the padded cache up to the bucket's
-        length, of which its window (512 on E4B) is all that is live at a long context."""
+        with fp32 accumulation, scale 1.0) -> m, l [H, S, G], acc [H, S, G, D]. Keys the mask hides are not read."""
         h = tl.program_id(0)
         sp = tl.program_id(1)
         nsp = tl.num_programs(1)
@@ -356,18 +354,17 @@ if HAVE_TRITON:
             t = t0 + tl.arange(0, BLOCK_T)
             live = t < t_end
             ok = (tl.load(mask_ptr + t, mask=live, other=0) != 0) & live
-            if tl.max(ok.to(tl.int32), 0) > 0:
-                k = tl.load(k_ptr + h * sk_h + t[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
-                scores = tl.dot(q, tl.trans(k))  # [GP, BLOCK_T], fp32
-                scores = tl.where(ok[None, :], scores, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep exp() finite
-                alpha = tl.exp(m_i - m_use)
-                p = tl.exp(scores - m_use[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_ptr + h * sv_h + t[:, None] * sv_t + d[None, :], mask=ok[:, None], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+            k = tl.load(k_ptr + h * sk_h + t[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k))  # [GP, BLOCK_T], fp32
+            scores = tl.where(ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep exp() finite
+            alpha = tl.exp(m_i - m_use)
+            p = tl.exp(scores - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + h * sv_h + t[:, None] * sv_t + d[None, :], mask=ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
         row = (h * nsp + sp) * G + g
         live_g = g < G
         tl.store(m_ptr + row, m_i, mask=live_g)
