@@ -66,6 +66,24 @@ def test_lossless_text_layout(tiny_ckpt, tiny_bundle):
     assert b.tensor("lm_head.q4").shape == (512, 64)
 
 
+def test_fp32_model_computes_with_the_checkpoints_weights(tiny_ckpt, tiny_bundle):
+    """The fp32 torch backend dequantizes through the checkpoint's dtype (`Bundle.source_dtype`), so every linear
+    (the untied head too) holds exactly the weights the fp32 reference loads from the checkpoint. The synthetic
+    scales carry bf16's 8 significant bits, as trained ones do: q * d straight to fp32 differs."""
+    from gemma4_coreai.backends import TorchBackend
+
+    c, b = Checkpoint.open(tiny_ckpt), Bundle.open(tiny_bundle)
+    assert b.source_dtype == torch.bfloat16
+    model = TorchBackend.from_bundle(b, dtype="fp32", max_context=32).model
+    raw = TorchBackend.from_bundle(b, dtype="fp32", max_context=32, weight_grid=None).model
+    off = 0
+    for (name, lin), (_, lin_raw) in zip(model.q4_linears(), raw.q4_linears(), strict=True):
+        want = c.get("embed_tokens.weight" if name == "lm_head" else name + ".weight").float()
+        assert torch.equal(lin.dequantized(torch.float32), want), name
+        off += int((lin_raw.dequantized(torch.float32) != want).sum())
+    assert off > 0  # without the grid, fp32 weights would not be the checkpoint's
+
+
 def test_lossless_hub_pruned(tiny_hub_pruned_ckpt, tiny_hub_pruned_bundle):
     b = _assert_lossless(tiny_hub_pruned_ckpt, tiny_hub_pruned_bundle)
     assert b.manifest["source"]["prefix"] == "model.language_model."
@@ -114,9 +132,41 @@ def test_existing_output_and_force(tiny_ckpt, tmp_path):
         convert(tiny_ckpt, out, progress=False)
     assert str(e.value) == f"{out}: already exists (use --force to overwrite)"
     assert (out / "keep").exists()
+    with pytest.raises(Gemma4Error) as e:  # --force replaces an earlier bundle, not someone's folder
+        convert(tiny_ckpt, out, progress=False, force=True)
+    assert str(e.value) == (f"{out}: a folder that is not an earlier output of this command (no manifest.json); "
+                            "--force replaces only those: choose another path")
+    assert [p.name for p in out.iterdir()] == ["keep"]
+    (out / "keep").unlink()  # an empty folder is taken
     convert(tiny_ckpt, out, progress=False, force=True)
-    assert not (out / "keep").exists() and Bundle.open(out)
+    (out / "extra").write_text("x")  # an earlier bundle is replaced whole
+    convert(tiny_ckpt, out, progress=False, force=True)
+    assert not (out / "extra").exists() and Bundle.open(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_force_onto_a_symlink_and_failed_runs_leave_no_folders(tiny_ckpt, tiny_bundle, tmp_path, monkeypatch):
+    """--force onto a symlink to an earlier bundle replaces the link (its target stays as it was) and leaves no
+    `.old-*` entry behind; a failed convert into new parent folders removes the folders it made."""
+    target = tmp_path / "real"
+    shutil.copytree(tiny_bundle, target)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    convert(tiny_ckpt, link, progress=False, force=True)
+    assert link.is_dir() and not link.is_symlink() and Bundle.open(link)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    assert Bundle.open(target).manifest == Bundle.open(tiny_bundle).manifest
+
+    def boom(table, report=None, chunk_rows=4096):
+        raise RuntimeError("disk on fire")
+        yield
+    monkeypatch.setattr(quant, "ple_table_chunks", boom)
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new1" / "new2" / "b", tmp_path / "kept" / "new3" / "b"):
+        with pytest.raises(RuntimeError):
+            convert(tiny_ckpt, out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "link", "real"]
+    assert list((tmp_path / "kept").iterdir()) == []
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
@@ -290,7 +340,13 @@ def test_lossless_fp16_fp32_checkpoints(tiny_ckpt, tmp_path, dtype):
     ck = tmp_path / "ck"
     shutil.copytree(tiny_ckpt, ck)
     t = load_file(ck / "model.safetensors")
-    save_file({k: v.to(dtype) for k, v in t.items()}, ck / "model.safetensors")  # synth values are exact there
+
+    def in_dtype(k, v):  # the same lattice as a `dtype` checkpoint holds it: q4_0 blocks as d * q rounded to dtype
+        if v.dim() == 2 and "embed_tokens_per_layer" not in k:
+            return quant.q4_0_dequantize(*quant.q4_0_quantize(v), dtype)
+        return v.to(dtype)  # norms, scalars and the int8-row PLE table (power-of-two scales): exact as they are
+
+    save_file({k: in_dtype(k, v) for k, v in t.items()}, ck / "model.safetensors")
     b = _assert_lossless(ck, convert(ck, tmp_path / "b", progress=False))
     assert b.tensor("embed_tokens.weight").dtype == dtype
 

@@ -149,7 +149,9 @@ def test_bundle_oracle_json_not_json(tiny_bundle, tmp_path):
 
 
 def test_export_metadata_and_graph_checked(tmp_path):
-    meta = {"gemma4": {"ple_mode": "tbl", "num_layers": 2, "ple_dim": 8, "states": {}, "ple_tables": "t"},
+    state = {"shape": [2, 1, 1, 16, 8], "dtype": "float16"}
+    meta = {"gemma4": {"ple_mode": "tbl", "num_layers": 2, "ple_dim": 8, "ple_tables": "t",
+                       "states": {"k_cache": state, "v_cache": state}},
             "language": {"max_context_length": 16, "vocab_size": 32}, "assets": {"main": "m.aimodel"}}
     path = tmp_path / "metadata.json"
     path.write_text(json.dumps(meta))

@@ -258,6 +258,79 @@ def test_fp32_kv_option_graph_matches_its_eager_module(tmp_path: Path, oracle_bu
     assert r["argmax_equal"] and r["max_abs_diff"] < 0.1, r
 
 
+@needs_coreai
+@pytest.mark.slow
+def test_runtime_prompt_checked_whole_and_usable_inside_an_event_loop(exported: Path, oracle_bundle: Path):
+    """A prompt with a bad id or past the max context is refused before any of it runs (position stays 0, as with
+    the torch backend), and the backend works where the calling thread already runs an event loop (Jupyter)."""
+    r = _run_worker("guards", str(exported), str(oracle_bundle))
+    (kind1, msg1, pos1), (kind2, msg2, pos2) = r["errors"]
+    assert kind1 == kind2 == "Gemma4Error" and pos1 == pos2 == 0, r
+    assert "token id 515 is out of range for vocab size 512" in msg1
+    assert f"sequence of {MAX_CTX + 1} tokens exceeds the max context of {MAX_CTX} tokens" in msg2
+    assert r["in_loop"] == r["direct"] and r["direct"][1] == 3, r
+
+
+@needs_coreai
+def test_backend_refuses_another_mode_and_damaged_metadata(exported: Path, tmp_path: Path):
+    """One line, before the runtime loads anything: a model directory of the other PLE mode than the one asked for,
+    state specs that are not the exporter's, and a PLE table of the wrong size."""
+    import shutil
+
+    from gemma4_coreai.coreai_backend import CoreAIBackend, resolve_model_dir
+
+    provider = exported / "gpu-pipelined" / "gemma4_custom_decode_int4lin"
+    assert resolve_model_dir(provider, "provider") == provider
+    with pytest.raises(Gemma4Error, match="a provider-mode export, not tbl"):
+        resolve_model_dir(provider / "gemma4_custom_decode_int4lin.aimodel", "tbl")
+    copy = tmp_path / "out"
+    shutil.copytree(exported, copy)
+    model = copy / "gpu-pipelined" / "gemma4_custom_decode_int4lin"
+    good = json.loads((model / "metadata.json").read_text())
+    for edit in (lambda m: m["gemma4"]["states"]["k_cache"].update(dtype="fp16"),
+                 lambda m: m["gemma4"]["states"]["v_cache"]["shape"].__setitem__(3, MAX_CTX * 2),
+                 lambda m: m["gemma4"]["states"].pop("v_cache")):
+        meta = json.loads(json.dumps(good))
+        edit(meta)
+        (model / "metadata.json").write_text(json.dumps(meta))
+        with pytest.raises(Gemma4Error, match="gemma4.states"):
+            CoreAIBackend(model)
+    (model / "metadata.json").write_text(json.dumps(good))
+    table = copy / "ios-frontend" / "gemma4_custom_gather_raw" / "embed_per_layer.i8"
+    with table.open("ab") as f:
+        f.write(b"\0" * 16)
+    with pytest.raises(Gemma4Error, match=r"embed_per_layer.i8: \d+ bytes, expected \d+"):
+        CoreAIBackend(model)
+    table.unlink()
+    with pytest.raises(Gemma4Error, match="embed_per_layer.i8: PLE table missing"):
+        CoreAIBackend(model)
+
+
+def test_metadata_stop_ids_follow_the_generation_config(tiny_bundle, monkeypatch):
+    """The exported eos_token_ids are what `generate` stops on: <eos>, <turn|> and generation_config's eos ids."""
+    from gemma4_coreai.bundle import Bundle
+    from gemma4_coreai.export_coreai import bundle_metadata
+
+    b = Bundle.open(tiny_bundle)
+    monkeypatch.setattr(Bundle, "generation_config", property(lambda self: {"eos_token_id": [106, 50]}))
+    meta = bundle_metadata("m", b, "provider", 32, "tables")
+    assert meta["language"]["eos_token_ids"] == [b.config.eos_token_id, 106, 50]
+
+
+def test_module_entry_point_checks_like_the_cli(tiny_bundle, tmp_path):
+    """`python -m gemma4_coreai.export_coreai` goes through the CLI: --max-context 0 is one line, rc 2, and
+    nothing is written (it used to mean the bundle's default); the Python API refuses 0 too."""
+    out = tmp_path / "e"
+    p = subprocess.run([sys.executable, "-m", "gemma4_coreai.export_coreai", str(tiny_bundle), "-o", str(out),
+                        "--max-context", "0"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "max-context" in p.stderr, p.stderr
+    assert not out.exists()
+    if COREAI_SKIP is None:
+        with pytest.raises(Gemma4Error, match="max context 0 is out of range"):
+            export_coreai(tiny_bundle, out, max_context=0, log=lambda s: None)
+        assert not out.exists()
+
+
 # ---- subprocess worker ------------------------------------------------------------------------------------
 
 def _worker(argv: list[str]) -> dict:
@@ -270,6 +343,26 @@ def _worker(argv: list[str]) -> dict:
 
     cmd, export_dir, bundle_dir = argv[:3]
     b = Bundle.open(bundle_dir)
+    if cmd == "guards":  # a bad prompt leaves the state alone; the backend runs inside a running event loop
+        import asyncio
+
+        be = CoreAIBackend(export_dir, mode="provider")
+        errors = []
+        for ids in ([5, 6, be.vocab_size + 3], [5] * (be.max_context + 1)):
+            try:
+                be.prefill(ids)
+            except Exception as e:  # noqa: BLE001 - reported to the test
+                errors.append([type(e).__name__, str(e), be.position])
+
+        async def inside_a_loop():
+            be.reset()
+            return int(be.prefill(b.oracle["prompt_ids"][:3]).argmax()), be.position
+
+        in_loop = asyncio.run(inside_a_loop())
+        be.reset()
+        direct = int(be.prefill(b.oracle["prompt_ids"][:3]).argmax()), be.position
+        be.close()
+        return {"errors": errors, "in_loop": list(in_loop), "direct": list(direct)}
     if cmd == "verify":
         be = CoreAIBackend(export_dir, mode=argv[3])
         ref = TorchBackend.from_bundle(b, max_context=be.max_context)

@@ -86,6 +86,19 @@ def test_stream_detokenizer_matches_full_decode_and_holds_utf8_tail(tok):
     assert any(p == "" for p in pieces)  # some bytes were held back
 
 
+def test_stream_detokenizer_byte_runs_decode_as_the_tokenizer_does(tok):
+    """A valid byte followed by one that makes the run invalid UTF-8: the tokenizer decodes the whole run as
+    U+FFFD per byte, so the stream may not have emitted the first one early (it used to emit 'T' here)."""
+    byte = {b: tok.token_to_id(f"<0x{b:02X}>") for b in (0x54, 0xF0, 0x86, 0xC3, 0xA9)}
+    word = tok.encode(" do", add_special_tokens=False).ids
+    for ids in ([*word, byte[0x54], byte[0xF0]], [byte[0x86], byte[0x54], *word, byte[0x54], *word],
+                [byte[0xC3], byte[0xA9], *word, byte[0x54]]):
+        det = StreamDetokenizer(tok)
+        pieces = [det.add(t) for t in ids] + [det.flush()]
+        assert "".join(pieces) == tok.decode(ids), ids
+    assert tok.decode([byte[0x54], byte[0xF0]]) == "\ufffd\ufffd"  # what made the early 'T' wrong
+
+
 def test_stop_tokens_and_result(tok):
     hello = tok.encode("the sea", add_special_tokens=False).ids
     be = ScriptedBackend(hello + [TURN_CLOSE, 7, 7])

@@ -11,7 +11,8 @@ def _on_lattice(rows=64, k=256, rms=0.05, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_q4_bit_exact_on_lattice(dtype):
-    w = _on_lattice().to(dtype)  # bf16 lattice values are exact in fp16 and fp32 too
+    q0, d0 = quant.q4_0_quantize(_on_lattice())
+    w = quant.q4_0_dequantize(q0, d0, dtype)  # the lattice as a `dtype` checkpoint holds it: d * q rounded to dtype
     q, d = quant.q4_0_quantize(w)
     assert q.min() >= -8 and q.max() <= 7
     assert torch.equal(quant.q4_0_dequantize(q, d, dtype), w)

@@ -147,10 +147,13 @@ class TorchBackend:
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], ple_table: Any, ple_scale: Any, *,
                  device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                  ple_mode: str | None = None, max_context: int | None = None, linear_storage: str | None = None,
-                 linear_strategy: str | None = None, compile: bool | str = False):
-        """`compile`: run one-token decode steps through `torch.compile` (cpu-int4 strategies): True compiles the
-        whole step (`_compile_decode`; GEMMA4_COMPILE=regional makes it "regional"), "regional" each layer
-        (`compile_layers`: ~6x less compile time, a slower step on CPU)."""
+                 linear_strategy: str | None = None, compile: bool | str = False,
+                 weight_grid: torch.dtype | None = None):
+        """`weight_grid`: the source checkpoint's dtype, which the linears dequantize through (`from_bundle` passes
+        the bundle's `source_dtype`; see `Q4Linear.grid`). `compile`: run one-token decode steps through
+        `torch.compile` (cpu-int4 strategies): True compiles the whole step (`_compile_decode`;
+        GEMMA4_COMPILE=regional makes it "regional"), "regional" each layer (`compile_layers`: ~6x less compile
+        time, a slower step on CPU)."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         strategy = linear_strategy or "stock"
@@ -190,7 +193,7 @@ class TorchBackend:
         with torch.inference_mode(False), torch.no_grad():
             self.model = Gemma4Model(
                 cfg, weights, dtype=self.dtype, ple_mode=self.ple_mode, max_context=max_context,
-                linear_storage=storage, device=self.device,
+                linear_storage=storage, device=self.device, weight_grid=weight_grid,
                 ple_table=_as_torch(ple_table) if tbl else None, ple_scale=_as_torch(ple_scale) if tbl else None)
         self.model.eval()
         if strategy != "stock":
@@ -209,6 +212,7 @@ class TorchBackend:
         """From an opened bundle (duck-typed: .config .tensor(name) .ple_table() .ple_scale() .max_context)."""
         if kw.get("max_context") is None:
             kw["max_context"] = bundle.max_context
+        kw.setdefault("weight_grid", getattr(bundle, "source_dtype", None))
         return cls(bundle.config, _BundleTensors(bundle), bundle.ple_table(), bundle.ple_scale(), **kw)
 
     def _compile_regional(self):

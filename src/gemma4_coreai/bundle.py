@@ -163,7 +163,7 @@ def convert(src: str | Path | Checkpoint, out: str | Path, force: bool = False, 
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
-    return atomic_dir(out, body, force=force)
+    return atomic_dir(out, body, force=force, marker="manifest.json")
 
 
 def _write_ple(ckpt: Checkpoint, tmp: Path, report: quant.LatticeReport, bar) -> dict[str, dict[str, Any]]:
@@ -319,6 +319,13 @@ class Bundle:
     @property
     def max_context(self) -> int:
         return int(self.manifest["max_context"])
+
+    @property
+    def source_dtype(self) -> torch.dtype | None:
+        """The 16- or 32-bit float dtype the source checkpoint stored its weights in (None: not recorded). Its
+        q4_0 blocks were checked exact in this dtype, so dequantizing through it gives the checkpoint's values."""
+        name = (self.manifest.get("source") or {}).get("dtype")
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name)
 
     @property
     def oracle(self) -> dict | None:

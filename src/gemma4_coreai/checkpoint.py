@@ -478,13 +478,20 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def atomic_dir(out: Path, body: Callable[[Path], None], force: bool = False) -> Path:
+def atomic_dir(out: Path, body: Callable[[Path], None], force: bool = False, marker: str | None = None) -> Path:
     """Run body(tmp) on a fresh temp dir next to out, then rename it to out. On any failure (Ctrl-C and
-    SIGTERM included) the temp dir is removed and out is untouched; an existing out is replaced only after
-    success. Temp dirs left by killed runs (their pid gone) are removed first."""
+    SIGTERM included) the temp dir, and any parent folder this call made, are removed and out is untouched; an
+    existing out is replaced only after success, and with `force` only where it is empty or holds `marker` (a
+    file this kind of output always has: --force replaces an earlier output, never someone's folder). A symlink
+    at out is replaced, its target left alone. Temp dirs left by killed runs (their pid gone) are removed first."""
     out = Path(out)
     if out.exists() and not force:
         raise Gemma4Error(f"{out}: already exists (use --force to overwrite)")
+    if (force and marker and out.is_dir() and not out.is_symlink() and not (out / marker).exists()
+            and any(out.iterdir())):
+        raise Gemma4Error(f"{out}: a folder that is not an earlier output of this command (no {marker}); --force "
+                          "replaces only those: choose another path")
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
@@ -494,15 +501,20 @@ def atomic_dir(out: Path, body: Callable[[Path], None], force: bool = False) -> 
     try:
         with _sigterm_as_interrupt():
             body(tmp)
-            if out.exists():
+            if out.exists() or out.is_symlink():
                 old = out.parent / f"{out.name}.old-{os.getpid()}"
                 out.rename(old)
                 tmp.rename(out)
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+                old.unlink() if old.is_symlink() or not old.is_dir() else shutil.rmtree(old)
             else:
                 tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # the parent folders made above, while they stay empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
     return out
 

@@ -120,7 +120,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prune-shared-kv", action="store_true",
                    help="omit the unused k_proj/v_proj/k_norm of KV-shared layers, like the QAT release "
                         "(default: write them, like the non-QAT release)")
-    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--force", action="store_true", help="replace DIR if it is an earlier checkpoint (or empty)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synth)
 
@@ -187,7 +187,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                     "lattice report. Written atomically: OUT appears only when complete.")
     p.add_argument("src", metavar="SRC", help="checkpoint directory or hub id (org/name)")
     p.add_argument("-o", "--out", required=True, type=Path, metavar="OUT", help="bundle directory to create")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists (only after success)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it is an earlier bundle or empty (only after success)")
     p.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="context length the bundle is built for (default: min(max_position_embeddings, 4096))")
     p.add_argument("--oracle-tokens", type=int, default=32, metavar="N",

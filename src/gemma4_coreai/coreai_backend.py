@@ -8,13 +8,15 @@ in place by every call and replaced by fresh zero arrays on `reset()`.
 PLE: provider graphs get each token's row from the gather_raw tables (an int8 memmap: one row read per token);
 tbl graphs get the whole table bound once as an input and gather it themselves.
 
-The runtime is async only; one private event loop drives it from sync code. Runtime faults may abort the process
-(Swift fatal errors are not Python exceptions): validate unknown graphs in a subprocess.
+The runtime is async only; one private event loop, on its own thread, drives it from sync code (so the backend
+also works where the caller's thread already runs a loop: Jupyter, async servers). Runtime faults may abort the
+process (Swift fatal errors are not Python exceptions): validate unknown graphs in a subprocess.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,10 @@ def resolve_model_dir(path: str | Path, mode: str | None = None) -> Path:
     if p.suffix == ".aimodel":
         p = p.parent
     if (p / "metadata.json").is_file() and not (p / "gpu-pipelined").is_dir():
+        found_mode = read_metadata(p / "metadata.json")["gemma4"]["ple_mode"]
+        if mode is not None and found_mode != mode:
+            raise Gemma4Error(f"{p}: a {found_mode}-mode export, not {mode} (name the {mode}-mode model, or the "
+                              "export directory holding both)")
         return p
     root = p / "gpu-pipelined"
     if not root.is_dir():
@@ -56,7 +62,7 @@ def resolve_model_dir(path: str | Path, mode: str | None = None) -> Path:
 _METADATA_FIELDS = {("gemma4", "ple_mode"): lambda v: v in ("provider", "tbl"),
                     ("gemma4", "num_layers"): lambda v: isinstance(v, int) and v > 0,
                     ("gemma4", "ple_dim"): lambda v: isinstance(v, int) and v > 0,
-                    ("gemma4", "states"): lambda v: isinstance(v, dict),
+                    ("gemma4", "states"): lambda v: isinstance(v, dict) and set(v) == {"k_cache", "v_cache"},
                     ("gemma4", "ple_tables"): lambda v: isinstance(v, str),
                     ("language", "max_context_length"): lambda v: isinstance(v, int) and v > 0,
                     ("language", "vocab_size"): lambda v: isinstance(v, int) and v > 0,
@@ -73,6 +79,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
         v = part.get(key) if isinstance(part, dict) else None
         if not ok(v):
             raise Gemma4Error(f"{path}: field '{section}.{key}' is {v!r}, not what export-coreai writes")
+    for name, spec in meta["gemma4"]["states"].items():  # [slots, 1, kv heads, max context, head dim], fp16/fp32
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not (isinstance(shape, list) and len(shape) == 5 and all(isinstance(n, int) and n > 0 for n in shape)
+                and shape[3] == meta["language"]["max_context_length"]
+                and spec.get("dtype") in ("float16", "float32")):
+            raise Gemma4Error(f"{path}: field 'gemma4.states.{name}' is {spec!r}, not what export-coreai writes")
     return meta
 
 
@@ -87,23 +99,40 @@ def check_graph(aimodel: Path) -> None:
 
 
 class _SyncFunction:
-    """One event loop kept alive so sync code can await the runtime's async load and calls."""
+    """An event loop on a thread of its own, kept alive so sync code can await the runtime's async load and calls,
+    whether or not the calling thread runs a loop already."""
 
     def __init__(self, aimodel: Path):
         from coreai.authoring import AIModelAsset
 
         self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="coreai-runtime", daemon=True)
+        self._thread.start()
         self._cm = AIModelAsset.load(aimodel).executable()  # compiles for this machine (ODIX on Linux) + loads
-        self._model = self._loop.run_until_complete(self._cm.__aenter__())
-        self.fn = self._model.load_function("main")
+        try:
+            self._model = self._run(self._cm.__aenter__())
+            self.fn = self._model.load_function("main")
+        except BaseException:
+            self._stop()
+            raise
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def __call__(self, inputs: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
-        return self._loop.run_until_complete(self.fn(inputs=inputs, state=state))
+        return self._run(self.fn(inputs=inputs, state=state))
+
+    def _stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     def close(self) -> None:
         if not self._loop.is_closed():
-            self._loop.run_until_complete(self._cm.__aexit__(None, None, None))
-            self._loop.close()
+            try:
+                self._run(self._cm.__aexit__(None, None, None))
+            finally:
+                self._stop()
 
 
 class CoreAIBackend:
@@ -130,13 +159,18 @@ class CoreAIBackend:
 
         tdir = Path(tables) if tables is not None else (self.model_dir / g["ple_tables"]).resolve()
         width = self.num_layers * self.ple_dim
-        try:
-            self._ple_table = np.memmap(tdir / "embed_per_layer.i8", dtype=np.int8, mode="r",
-                                        shape=(self.vocab_size, width))
-            self._ple_scale = np.memmap(tdir / "embed_per_layer.scale.f32", dtype=np.float32, mode="r",
-                                        shape=(self.vocab_size,))
-        except (OSError, ValueError) as e:
-            raise Gemma4Error(f"{tdir}: PLE tables missing or wrong size ({e}); pass tables=") from None
+        for name, size in (("embed_per_layer.i8", self.vocab_size * width),
+                           ("embed_per_layer.scale.f32", self.vocab_size * 4)):
+            f = tdir / name
+            if not f.is_file():
+                raise Gemma4Error(f"{f}: PLE table missing (pass tables= the bundle or gather_raw directory)")
+            if f.stat().st_size != size:
+                raise Gemma4Error(f"{f}: {f.stat().st_size} bytes, expected {size} (vocab {self.vocab_size} x "
+                                  f"{'layers x PLE dim' if name.endswith('i8') else '4'}): not this export's table")
+        self._ple_table = np.memmap(tdir / "embed_per_layer.i8", dtype=np.int8, mode="r",
+                                    shape=(self.vocab_size, width))
+        self._ple_scale = np.memmap(tdir / "embed_per_layer.scale.f32", dtype=np.float32, mode="r",
+                                    shape=(self.vocab_size,))
 
         check_graph(self.model_dir / meta["assets"]["main"])
         self._fn = _SyncFunction(self.model_dir / meta["assets"]["main"])
@@ -168,6 +202,13 @@ class CoreAIBackend:
         ids = [int(t) for t in ids]
         if not ids:
             raise Gemma4Error("need at least one token")
+        # the whole prompt is checked before any of it runs, as the torch backend does: no half-fed state
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise Gemma4Error(f"token id {bad} is out of range for vocab size {self.vocab_size}")
+        if self._position + len(ids) > self.max_context:
+            raise Gemma4Error(f"sequence of {self._position + len(ids)} tokens exceeds the max context of "
+                              f"{self.max_context} tokens (export with a larger --max-context)")
         logits = None
         for t in ids:
             logits = self.decode(t)

@@ -368,6 +368,8 @@ def read_int4_constants(aimodel: str | Path) -> list[tuple[Any, Any]]:
 def bundle_metadata(name: str, bundle: Any, mode: str, max_context: int, tables_rel: str,
                     kv_dtype: str = "fp16") -> dict[str, Any]:
     """gpu-pipelined/<name>/metadata.json (schema 0.2). `gemma4` carries what a host needs to drive the graph."""
+    from .generate import default_stop_ids
+
     cfg = bundle.config
     src = bundle.manifest.get("source", {})
     kv_shape = [cfg.num_kv_slots, 1, cfg.num_kv_heads, max_context, cfg.max_head_dim]
@@ -391,7 +393,8 @@ def bundle_metadata(name: str, bundle: Any, mode: str, max_context: int, tables_
             "embedded_tokenizer": True,
             "function_map": {"decode": "main"},
             "bos_token_id": cfg.bos_token_id,
-            "eos_token_ids": [cfg.eos_token_id, 106],
+            # what `generate` stops on: <eos>, <turn|> and the bundle's generation_config eos ids
+            "eos_token_ids": list(dict.fromkeys([cfg.eos_token_id, *default_stop_ids(bundle.generation_config)])),
         },
         "source": {"model": src.get("given") or src.get("path"), "variant": cfg.variant, "qat": is_qat(bundle),
                    "bundle_format_version": bundle.manifest.get("format_version"),
@@ -527,7 +530,7 @@ def export_coreai(bundle_path: str | Path, out: str | Path, *, mode: str = "prov
         raise Gemma4Error(f"{out}: already exists (use --force to overwrite)")
     require_coreai()  # before anything is written
     bundle = Bundle.open(bundle_path)
-    max_context = int(max_context or bundle.max_context)
+    max_context = bundle.max_context if max_context is None else int(max_context)
     if not 1 <= max_context <= bundle.config.max_position_embeddings:
         raise Gemma4Error(f"max context {max_context} is out of range: the model supports 1 to "
                           f"{bundle.config.max_position_embeddings} tokens")
@@ -537,7 +540,7 @@ def export_coreai(bundle_path: str | Path, out: str | Path, *, mode: str = "prov
         for m in modes:
             names.append(export_mode(bundle, m, tmp, max_context, log, kv_dtype).name)
 
-    atomic_dir(out, body, force=force)
+    atomic_dir(out, body, force=force, marker="gpu-pipelined")
     return [out / "gpu-pipelined" / n for n in names]
 
 
@@ -561,7 +564,8 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="fp16",
                    help="KV cache state dtype: fp16 (the published contract) or fp32 (unrounded K/V, twice the "
                         "state memory) (default fp16)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists (only after success)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it is an earlier export or empty (only after success)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines (only what was written)")
     return p
 
@@ -585,17 +589,13 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m gemma4_coreai.export_coreai BUNDLE -o OUT ...` (same options as `gemma4-coreai export-coreai`)."""
+    """`python -m gemma4_coreai.export_coreai BUNDLE -o OUT ...` (same options and checks as `gemma4-coreai
+    export-coreai`)."""
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m gemma4_coreai.export_coreai")
-    add_export_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["export-coreai", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return run_export(args)
-    except Gemma4Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from .cli import main as cli_main
+
+    return cli_main(["export-coreai", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

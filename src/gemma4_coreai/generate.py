@@ -8,6 +8,7 @@ window per token and holds back an incomplete UTF-8 tail, so a long reply costs 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterator, Sequence
@@ -153,10 +154,15 @@ class Sampler:
 
 # ---- streaming detokenization --------------------------------------------------------------------------
 
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
 class StreamDetokenizer:
     """Decodes a growing token list incrementally: each call decodes only the tokens since the last emitted
     boundary (plus a few of context, so merges like leading spaces decode right) and holds back text that
-    ends in an incomplete UTF-8 sequence (decoded as U+FFFD) until the next token completes it."""
+    ends in an incomplete UTF-8 sequence (decoded as U+FFFD) until the next token completes it. The joined pieces
+    equal `tokenizer.decode` of the whole list: a run of byte-fallback tokens (`<0xHH>`) is held until it ends,
+    since the tokenizer decodes a run as one (a run that is not valid UTF-8 becomes one U+FFFD per byte, valid
+    bytes included)."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
         self.tok = tokenizer
@@ -164,12 +170,15 @@ class StreamDetokenizer:
         self.ids: list[int] = []
         self.prefix = 0  # start of the decode window
         self.read = 0  # tokens before this index have been emitted
+        self.byte_ids = {i for t, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(t)}
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip)
 
     def add(self, token: int) -> str:
         self.ids.append(token)
+        if token in self.byte_ids:
+            return ""  # inside a byte-fallback run: a later byte can still change how all of it decodes
         before = self._decode(self.ids[self.prefix:self.read])
         now = self._decode(self.ids[self.prefix:])
         if now.endswith("\ufffd") or len(now) < len(before):

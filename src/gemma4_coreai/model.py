@@ -127,6 +127,12 @@ def dequant_linear(m: Q4Linear, x: Tensor) -> Tensor:
     return F.linear(x, m.dequantized(x.dtype))
 
 
+def _dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype, grid: torch.dtype | None) -> Tensor:
+    if grid is None or grid == dtype:
+        return q4_0_dequantize(q, scale, dtype)
+    return q4_0_dequantize(q, scale, grid).to(dtype)
+
+
 class Q4Linear(nn.Module):
     """y = x @ W.T with W on the q4_0 lattice (int4 q in [-8, 7], one scale per 32 inputs).
 
@@ -138,18 +144,22 @@ class Q4Linear(nn.Module):
     linear_fn: LinearFn = staticmethod(dequant_linear)
 
     def __init__(self, name: str, q4: Tensor, scale: Tensor, storage: str, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", grid: torch.dtype | None = None):
         super().__init__()
         self.name = name  # canonical stem, e.g. "layers.0.self_attn.q_proj"
         self.out_features, self.in_features = q4.shape[0], q4.shape[1] * 2
         self.storage = storage
+        # The dtype the checkpoint held this weight in: dequantized values are rounded to it first. On a QAT
+        # lattice that gives back the checkpoint's own values (q * d can need more bits than bf16 has, and the
+        # checkpoint stores it rounded), so an fp32 model computes with exactly the fp32 reference's weights.
+        self.grid = grid
         q4, scale = q4.to(device), scale.to(device)
         self.weight: Tensor | None
         self.q: Tensor | None
         self.q4: Tensor | None
         self.scale: Tensor | None
         if storage == "dense":
-            self.register_buffer("weight", q4_0_dequantize(unpack_int4(q4), scale, dtype))
+            self.register_buffer("weight", _dequantize(unpack_int4(q4), scale, dtype, grid))
             self.q = self.q4 = self.scale = None
         elif storage == "int8":
             self.register_buffer("q", unpack_int4(q4))
@@ -174,7 +184,7 @@ class Q4Linear(nn.Module):
         """W [N, K] in `dtype`."""
         if self.weight is not None:
             return self.weight.to(dtype)
-        return q4_0_dequantize(self.int8_weight(), self.scale, dtype)
+        return _dequantize(self.int8_weight(), self.scale, dtype, self.grid)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_fn(self, x)
@@ -243,13 +253,14 @@ class _Builder:
     """Turns bundle entries into modules on the target device (keeps the constructors short)."""
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, Tensor], dtype: torch.dtype, storage: str,
-                 device: torch.device):
+                 device: torch.device, grid: torch.dtype | None = None):
         self.cfg, self.weights, self.dtype, self.storage, self.device = cfg, weights, dtype, storage, device
+        self.grid = grid
 
     def linear(self, name: str) -> Q4Linear:
         s = stem(name)
         return Q4Linear(s, _tensor(self.weights, s + ".q4"), _tensor(self.weights, s + ".scale"), self.storage,
-                        self.dtype, self.device)
+                        self.dtype, self.device, self.grid)
 
     def norm(self, name: str | None) -> RMSNorm:
         w = None if name is None else _tensor(self.weights, name).to(self.device)
@@ -362,12 +373,14 @@ class Gemma4Model(nn.Module):
     `weights`: bundle entries (INTERNALS.md): `<stem>.q4`/`<stem>.scale` per linear, `lm_head.q4/.scale`, fp32
     norms and layer scalars, 16-bit `embed_tokens.weight`. `ple_mode`: "provider" (the caller passes
     `ple_rows`) or "tbl" (the int8 `ple_table` [V, L*P] + fp32 `ple_scale` [V] are resident buffers).
-    `kv_dtype`: the KV cache dtype (default: `dtype`)."""
+    `kv_dtype`: the KV cache dtype (default: `dtype`). `weight_grid`: the source checkpoint's dtype; linears
+    dequantize through it (`Q4Linear.grid`; None: q * d straight to `dtype`)."""
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, Tensor], *, dtype: torch.dtype = torch.float32,
                  ple_mode: str = "provider", max_context: int = 4096, linear_storage: str = "dense",
                  ple_table: Tensor | None = None, ple_scale: Tensor | None = None,
-                 device: torch.device | str = "cpu", kv_dtype: torch.dtype | None = None):
+                 device: torch.device | str = "cpu", kv_dtype: torch.dtype | None = None,
+                 weight_grid: torch.dtype | None = None):
         super().__init__()
         if ple_mode not in PLE_MODES:
             raise Gemma4Error(f"unknown ple_mode {ple_mode!r}: expected one of {', '.join(PLE_MODES)}")
@@ -380,7 +393,7 @@ class Gemma4Model(nn.Module):
         # The residual stream (H floats per token: free) stays fp32 in half precision: fp16 overflows on it, and
         # bf16 rounding over every residual add measurably moves logits. Branch inputs are in `dtype`.
         self.residual_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        b = _Builder(cfg, weights, dtype, linear_storage, device)
+        b = _Builder(cfg, weights, dtype, linear_storage, device, weight_grid)
 
         # HF: sqrt(H) as an fp32 constant cast to the compute dtype (50.5 in bf16).
         self.embed_scale = float(torch.tensor(math.sqrt(cfg.hidden_size)).to(dtype))

@@ -117,16 +117,19 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 def q4_lattice_rows(g: torch.Generator, rows: int, k: int, rms: float) -> torch.Tensor:
-    """[rows, k] bf16 on the q4_0 lattice: per 32-block d*q, q in [-8, 7] with one forced -8, d = ±k'*2^e."""
+    """[rows, k] bf16 on the q4_0 lattice: per 32-block bf16(d*q), q in [-8, 7] with one forced -8, d = ±k'*2^e.
+
+    d has bf16's full 8 significant bits (k' in [128, 255]), as trained scales do, so d*q often needs more and the
+    checkpoint holds it rounded: the lattice is exact in bf16 (-8d, the block's peak, is exact), not in fp32."""
     nb = k // 32
     q = torch.randint(-8, 8, (rows, nb, 32), dtype=torch.int8, generator=g)
     q.scatter_(-1, torch.randint(0, 32, (rows, nb, 1), generator=g), -8)
-    # q is uniform on [-8, 7] (RMS ~4.6); k' in [8, 15] averages ~11.5: pick e so d*q has the target RMS.
-    e = math.floor(math.log2(rms / (4.6 * 11.5)) + 0.5)
-    kk = torch.randint(8, 16, (rows, nb, 1), generator=g).float()
+    # q is uniform on [-8, 7] (RMS ~4.6); k' in [128, 255] averages ~191.5: pick e so d*q has the target RMS.
+    e = math.floor(math.log2(rms / (4.6 * 191.5)) + 0.5)
+    kk = torch.randint(128, 256, (rows, nb, 1), generator=g).float()
     sign = torch.randint(0, 2, (rows, nb, 1), generator=g).float() * 2 - 1
-    d = (sign * kk * 2.0**e).to(torch.bfloat16)  # |k'| <= 15: exact in bf16
-    return (q.to(torch.bfloat16) * d).reshape(rows, k)  # |k'*q| <= 120: the product is exact in bf16
+    d = (sign * kk * 2.0**e).to(torch.bfloat16)  # 8 significant bits: exact in bf16
+    return (q.to(torch.bfloat16) * d).reshape(rows, k)  # bf16 products: rounded where |k'*q| needs > 8 bits
 
 
 def ple_lattice_rows(g: torch.Generator, rows: int, width: int, rms: float) -> torch.Tensor:
@@ -302,4 +305,4 @@ def synthesize(cfg_or_shape: ModelConfig | str | Path, out_dir: str | Path, seed
                      "weight_map": {prefix + s.name: f for f, sh in zip(names, shards, strict=True) for s in sh}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    return atomic_dir(out, body, force=force)
+    return atomic_dir(out, body, force=force, marker="config.json")
