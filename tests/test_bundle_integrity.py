@@ -198,6 +198,8 @@ def test_reference_with_non_finite_logits_is_refused():
     (lambda m: m["files"][WEIGHTS].update(size=str(m["files"][WEIGHTS]["size"])),
      r"files\.weights\.safetensors\.size is '\d+', expected an integer"),
     (lambda m: m.update(lattice=5), r"field 'lattice' is 5, expected an object"),
+    (lambda m: m.update(lattice={"summary": {"blocks": 5}}), r"field 'lattice.summary' is \{'blocks': 5\}, not what "
+     "convert writes"),  # inspect used to fail on it with a KeyError traceback
 ])
 def test_manifest_fields_checked(tiny_bundle, tmp_path, edit, message):
     b = copy_bundle(tiny_bundle, tmp_path / "b")

@@ -294,6 +294,12 @@ class Bundle:
             raise Gemma4Error(f"{mpath}: field 'files' must map file names to {{size, sha256}} objects")
         if not isinstance(m.get("lattice", {}), dict):
             raise Gemma4Error(f"{mpath}: field 'lattice' is {m['lattice']!r}, expected an object")
+        summary = m.get("lattice", {}).get("summary")
+        if summary is not None and not (
+                isinstance(summary, dict) and isinstance(summary.get("off_lattice_tensors", []), list)
+                and all(isinstance(summary.get(k), int | float) and not isinstance(summary.get(k), bool)
+                        for k in ("blocks", "exact_blocks", "exact_fraction", "worst_rel_err"))):
+            raise Gemma4Error(f"{mpath}: field 'lattice.summary' is {summary!r}, not what convert writes")
         for req in (WEIGHTS, PLE_TABLE, PLE_SCALE, f"{TOKENIZER_DIR}/tokenizer.json"):
             if req not in files:
                 raise Gemma4Error(f"{mpath}: corrupt manifest (field 'files' does not list {req})")
