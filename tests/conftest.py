@@ -47,6 +47,15 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Pa
 
 
 @pytest.fixture(scope="session")
+def oracle_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_ckpt: Path) -> Path:
+    """The tiny bundle with a 16-token fp32 oracle (tests copy it before changing anything)."""
+    from gemma4_coreai.oracle import convert_hook
+
+    return make_bundle(tmp_path_factory, tiny_ckpt, max_context=96,
+                       oracle_hook=convert_hook(n_tokens=16, log=lambda m: None))
+
+
+@pytest.fixture(scope="session")
 def tiny_hub_pruned_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_ckpt(tmp_path_factory, "tiny", hub_layout=True, prune_shared_kv=True)
 

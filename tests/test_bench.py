@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gemma4_coreai import bench as B
+from gemma4_coreai.bundle import Bundle
 from gemma4_coreai.config import preset
 
 
@@ -37,7 +38,12 @@ def test_bench_record_cpu(tiny_bundle, tmp_path):
             assert 0 < s["min"] <= s["median"] <= s["max"]
         assert r["deterministic"]
         assert r["bytes_per_decode_step"]["total"] > r["bytes_per_decode_step"]["linears"] > 0
+        # the stock CPU engine's KV cache is fp32: the model counts 4 bytes per element, not 2
+        ctx = int(round(r["prompt_len"] + (r["gen_len"] - 1) / 2))
+        assert r["bytes_per_decode_step"]["kv_cache"] == B.kv_bytes(Bundle.open(tiny_bundle).config, ctx, 4)
         assert r["floor_ms_per_token"] > 0 and 0 < r["fraction_of_floor"]
+        assert r["floor_ms_per_token"] == pytest.approx(r["bytes_per_decode_step"]["total"]
+                                                        / rec["copy_bandwidth_Bps"] * 1e3)
         assert r["decode_ms_per_token"] == pytest.approx(1e3 / r["decode_tps"]["median"])
     assert "decode tok/s" in B.format_table(rec)
 

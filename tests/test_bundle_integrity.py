@@ -117,6 +117,46 @@ def good_oracle() -> dict:
             "step_top2": [[9, 3.0, 1, 2.0], [4, 2.5, 3, 2.0]], "tf_argmax": [5, 7, 9, 4], "tf_gaps": [1, 1, 1, 1]}
 
 
+class _Scripted:
+    """A backend whose argmax is scripted per position of the sequence (vocab 10)."""
+
+    vocab_size = 10
+
+    def __init__(self, picks: dict[int, int]):
+        self.picks, self.pos = picks, 0
+
+    def _logits(self) -> torch.Tensor:
+        x = torch.zeros(10)
+        x[self.picks.get(self.pos - 1, 0)] = 1.0
+        return x
+
+    def reset(self):
+        self.pos = 0
+
+    def prefill(self, ids):
+        self.pos += len(ids)
+        return self._logits()
+
+    def decode(self, tok):
+        self.pos += 1
+        return self._logits()
+
+
+def test_tie_only_where_the_backend_picked_the_reference_runner_up():
+    """Under the tie gap, picking the reference's runner-up is a tie; picking any other token is a mismatch, in
+    free-running and teacher-forced checks alike."""
+    from gemma4_coreai.oracle import verify
+
+    o = {"prompt_ids": [2], "reference_ids": [5, 6], "step_gaps": [0.05, 2.0],
+         "step_top2": [[5, 2.0, 7, 1.95], [6, 3.0, 8, 1.0]], "tf_argmax": [5, 6], "tf_gaps": [0.05, 2.0],
+         "tf_second": [7, 8]}
+    runner_up = verify(_Scripted({0: 7, 1: 6}), o, tie_gap=0.1)
+    assert runner_up["passed"] and runner_up["free_running"]["ties"] and runner_up["teacher_forced"]["ties"]
+    other = verify(_Scripted({0: 9, 1: 6}), o, tie_gap=0.1)
+    assert not other["passed"] and other["free_running"]["mismatch"]["got"] == 9
+    assert [e["position"] for e in other["teacher_forced"]["mismatches"]] == [0]
+
+
 def test_oracle_token_ids_within_vocab():
     with pytest.raises(Gemma4Error, match=r"oracle record: field 'reference_ids' holds token id 9, out of range "
                                           r"for vocab size 8"):
@@ -129,6 +169,12 @@ def test_oracle_token_ids_within_vocab():
     (lambda o: o.update(tf_argmax=[5, 7, 9]), r"field 'tf_argmax' has 3 entries, expected 4"),
     (lambda o: o.update(step_top2=[[9, 3.0], [4, 2.5]]), r"field 'step_top2' must hold \[top1 id"),
     (lambda o: o.update(prompt_ids=[]), r"field 'prompt_ids' is empty"),
+    # the fields must agree with each other (an edited record could otherwise turn mismatches into ties)
+    (lambda o: o["step_gaps"].__setitem__(0, 0.0), r"field 'step_gaps' step 0: 0.0 is not the top-2 gap"),
+    (lambda o: o["step_top2"][1].__setitem__(0, 3), r"field 'step_top2' step 1: top-1 id 3 is not reference_ids' 4"),
+    (lambda o: o.update(tf_gaps=[1, 1, -1, 1]), r"field 'tf_gaps' holds a negative gap"),
+    (lambda o: o["tf_argmax"].__setitem__(3, 6), r"field 'tf_argmax' position 3 is 6, but the reference chose 4"),
+    (lambda o: o.update(tf_second=[1, 2]), r"field 'tf_second' has 2 entries, expected 4"),
 ])
 def test_oracle_record_checked(change, message):
     check_oracle(good_oracle())
@@ -138,14 +184,18 @@ def test_oracle_record_checked(change, message):
         check_oracle(o)
 
 
-def test_bundle_oracle_json_not_json(tiny_bundle, tmp_path):
-    b = copy_bundle(tiny_bundle, tmp_path / "b")
-    if "oracle.json" in json.loads((b / "manifest.json").read_text())["files"]:
-        replace_file(b, "oracle.json", "{oops")
-    else:
-        (b / "oracle.json").write_text("{oops")
+def test_bundle_oracle_json_not_json(tiny_bundle, oracle_bundle, tmp_path):
+    """A listed oracle.json that is not JSON: one line. One the manifest does not list (copied in from another
+    bundle) is not read at all."""
+    b = copy_bundle(oracle_bundle, tmp_path / "b")
+    assert "oracle.json" in json.loads((b / "manifest.json").read_text())["files"]
+    replace_file(b, "oracle.json", "{oops")
     with pytest.raises(Gemma4Error, match=r"oracle\.json: not valid JSON"):
         _ = Bundle.open(b).oracle
+    plain = copy_bundle(tiny_bundle, tmp_path / "plain")
+    assert "oracle.json" not in json.loads((plain / "manifest.json").read_text())["files"]
+    shutil.copyfile(oracle_bundle / "oracle.json", plain / "oracle.json")
+    assert Bundle.open(plain).oracle is None
 
 
 def test_export_metadata_and_graph_checked(tmp_path):

@@ -13,13 +13,6 @@ from conftest import make_bundle
 from gemma4_coreai.backends import TorchBackend
 from gemma4_coreai.bundle import Bundle
 from gemma4_coreai.cli import main
-from gemma4_coreai.oracle import convert_hook
-
-
-@pytest.fixture(scope="module")
-def oracle_bundle(tmp_path_factory, tiny_ckpt):
-    return make_bundle(tmp_path_factory, tiny_ckpt, max_context=96,
-                       oracle_hook=convert_hook(n_tokens=16, log=lambda m: None))
 
 
 def _error_line(capsys) -> str:
@@ -93,23 +86,66 @@ def test_verify_against_live_reference(oracle_bundle, tiny_ckpt, capsys):
 
 
 def test_verify_fails_on_a_wrong_oracle(oracle_bundle, tmp_path, capsys):
-    """A tampered reference token (with a clear gap, size and sha256 updated, so that only the oracle's content
-    is wrong) must fail verification: exit 1. Left stale, the sha256 alone is refused (exit 2)."""
+    """A tampered reference token (kept consistent across the record's fields, size and sha256 updated, so that
+    only the oracle's content is wrong) must fail verification: exit 1. Left stale, the sha256 alone is refused
+    (exit 2); so is a record whose fields disagree (a gap that is not its top-2 gap, a top-1 id that is not the
+    reference token), which could otherwise turn mismatches into ties."""
     bad = tmp_path / "bundle"
     shutil.copytree(oracle_bundle, bad)
-    m = json.loads((bad / "manifest.json").read_text())
-    step = max(range(16), key=lambda i: m["oracle"]["step_gaps"][i])
-    m["oracle"]["reference_ids"][step] = (m["oracle"]["reference_ids"][step] + 1) % 512
-    m["oracle"]["step_gaps"][step] = 5.0
-    (bad / "oracle.json").write_text(json.dumps(m["oracle"]))
-    m["files"]["oracle.json"]["size"] = (bad / "oracle.json").stat().st_size
-    (bad / "manifest.json").write_text(json.dumps(m))
+    good = json.loads((bad / "manifest.json").read_text())
+
+    def write(edit):
+        m = json.loads(json.dumps(good))
+        edit(m["oracle"])
+        (bad / "oracle.json").write_text(json.dumps(m["oracle"]))
+        m["files"]["oracle.json"]["size"] = (bad / "oracle.json").stat().st_size
+        (bad / "manifest.json").write_text(json.dumps(m))
+        return m
+
+    o = good["oracle"]
+    step = max(range(16), key=lambda i: o["step_gaps"][i])
+    wrong = (o["reference_ids"][step] + 1) % 512
+
+    def consistent(r):
+        r["reference_ids"][step] = r["step_top2"][step][0] = wrong
+        r["tf_argmax"][len(r["prompt_ids"]) - 1 + step] = wrong
+
+    m = write(consistent)
     assert main(["verify", str(bad)]) == 2
     assert "oracle.json: sha256 does not match manifest.json" in capsys.readouterr().err
     m["files"]["oracle.json"]["sha256"] = hashlib.sha256((bad / "oracle.json").read_bytes()).hexdigest()
     (bad / "manifest.json").write_text(json.dumps(m))
     assert main(["verify", str(bad)]) == 1
     assert "FAIL" in capsys.readouterr().out
+    for edit, field in ((lambda r: r["step_gaps"].__setitem__(step, 0.0), "step_gaps"),
+                        (lambda r: r["reference_ids"].__setitem__(step, wrong), "step_top2")):
+        m = write(edit)
+        m["files"]["oracle.json"]["sha256"] = hashlib.sha256((bad / "oracle.json").read_bytes()).hexdigest()
+        (bad / "manifest.json").write_text(json.dumps(m))
+        assert main(["verify", str(bad)]) == 2
+        assert f"oracle record: field '{field}' step {step}" in _error_line(capsys)
+
+
+def test_verify_refuses_an_oracle_of_another_template_and_a_reference_without_one(oracle_bundle, tiny_ckpt,
+                                                                                tmp_path, capsys):
+    """The stored prompt ids must be this bundle's chat encoding of the stored prompt (a record made with another
+    tokenizer or template is refused, exit 2); `--reference` on a bundle without a chat template is one line,
+    not a traceback."""
+    bad = tmp_path / "bundle"
+    shutil.copytree(oracle_bundle, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    tpl = bad / "tokenizer" / "chat_template.jinja"
+    tpl.write_text("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    m["files"]["tokenizer/chat_template.jinja"] = {"size": tpl.stat().st_size,
+                                                   "sha256": hashlib.sha256(tpl.read_bytes()).hexdigest()}
+    (bad / "manifest.json").write_text(json.dumps(m))
+    assert main(["verify", str(bad)]) == 2
+    assert "the oracle's prompt_ids are not this bundle's chat encoding of its prompt" in _error_line(capsys)
+    tpl.unlink()
+    del m["files"]["tokenizer/chat_template.jinja"]
+    (bad / "manifest.json").write_text(json.dumps(m))
+    assert main(["verify", str(bad), "--reference", str(tiny_ckpt)]) == 2
+    assert "the bundle has no chat template, which the reference needs" in _error_line(capsys)
 
 
 def test_verify_without_oracle_says_so(tiny_bundle, capsys):

@@ -53,12 +53,15 @@ def kv_bytes(cfg: ModelConfig, context: int, dtype_bytes: int = 2) -> int:
     return total
 
 
-def decode_step_bytes(cfg: ModelConfig, context: int, dtype_bytes: int = 2) -> dict[str, int]:
+def decode_step_bytes(cfg: ModelConfig, context: int, dtype_bytes: int = 2,
+                      kv_dtype_bytes: int | None = None) -> dict[str, int]:
+    """The bandwidth model: bytes one decode step reads. `dtype_bytes`: the embedding row's element size;
+    `kv_dtype_bytes`: the KV cache's (default: the same; the stock CPU engine keeps an fp32 cache)."""
     parts = {
         "linears": linear_bytes(cfg),
         "embedding_row": cfg.hidden_size * dtype_bytes,
         "ple_row": cfg.ple_width + 4,
-        "kv_cache": kv_bytes(cfg, context, dtype_bytes),
+        "kv_cache": kv_bytes(cfg, context, kv_dtype_bytes or dtype_bytes),
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -172,8 +175,9 @@ def bench(bundle_path: str | Path, *, device: str = "cpu", prompt_lens: list[int
         raise Gemma4Error(f"--prompt-len {max(prompt_lens)} + --gen-len {gen_len} = {max_ctx} tokens exceed the "
                           f"model's {cfg.max_position_embeddings} positions (max_position_embeddings)")
     # The copy-bandwidth probe (2 x 1 GiB on CUDA) runs before the model exists, and is freed, so that the peak
-    # memory figures below are the model's alone.
-    bw = copy_bandwidth(dev) if measure_bandwidth else None
+    # device memory figures below are the model's alone. On the CPU it runs after the runs, once the peak host RSS
+    # has been read: ru_maxrss only grows, and the probe's 2 x 256 MiB would count as the model's.
+    bw = copy_bandwidth(dev) if measure_bandwidth and dev.type == "cuda" else None
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -187,6 +191,8 @@ def bench(bundle_path: str | Path, *, device: str = "cpu", prompt_lens: list[int
     # holds).
     peaks: dict[str, int] = {}
     _device_peak(dev, peaks, "load")
+    cache = getattr(getattr(eng, "model", None), "k_cache", None)
+    kv_itemsize = cache.element_size() if isinstance(cache, torch.Tensor) else None
     results = []
     for plen in prompt_lens:
         ids = random_prompt(cfg.vocab_size, plen, seed)
@@ -202,7 +208,7 @@ def bench(bundle_path: str | Path, *, device: str = "cpu", prompt_lens: list[int
             decs.append(dec)
             runs.append(toks)
         mean_ctx = plen + (gen_len - 1) / 2
-        model_bytes = decode_step_bytes(cfg, int(round(mean_ctx)))
+        model_bytes = decode_step_bytes(cfg, int(round(mean_ctx)), kv_dtype_bytes=kv_itemsize)
         row: dict[str, Any] = {
             "prompt_len": plen, "gen_len": gen_len,
             "ttft_s": _stats(ttfts),
@@ -215,17 +221,19 @@ def bench(bundle_path: str | Path, *, device: str = "cpu", prompt_lens: list[int
             row["decode_tps"] = _stats(tps)
             ms = 1e3 / row["decode_tps"]["median"]
             row["decode_ms_per_token"] = ms
-            if bw:
-                floor_ms = model_bytes["total"] / bw * 1e3
-                row["floor_ms_per_token"] = floor_ms
-                row["floor_tps"] = 1e3 / floor_ms
-                row["fraction_of_floor"] = floor_ms / ms
         _device_peak(dev, peaks, "runs")
         results.append(row)
         if progress:
             print(_row_line(row), file=sys.stderr)
 
     mem: dict[str, Any] = {"peak_host_rss_bytes": peak_rss_bytes()}
+    if measure_bandwidth and bw is None:
+        bw = copy_bandwidth(dev)
+    for row in results:  # the bandwidth floor: the model's bytes per step at the measured copy bandwidth
+        if bw and "decode_ms_per_token" in row:
+            floor_ms = row["bytes_per_decode_step"]["total"] / bw * 1e3
+            row.update(floor_ms_per_token=floor_ms, floor_tps=1e3 / floor_ms,
+                       fraction_of_floor=floor_ms / row["decode_ms_per_token"])
     if dev.type == "cuda":
         mem["peak_device_allocated_bytes"] = max(peaks["all"], peaks["runs"])
         mem["peak_device_load_allocated_bytes"] = peaks["load"]

@@ -335,9 +335,11 @@ class Bundle:
 
     @property
     def oracle(self) -> dict | None:
-        """The stored oracle record (oracle.json, else the manifest's copy); `oracle.check_oracle` validates it."""
+        """The stored oracle record (oracle.json where the manifest lists it, else the manifest's copy);
+        `oracle.check_oracle` validates it. An oracle.json the manifest does not list (copied in from elsewhere)
+        is ignored: the manifest's size and sha256 are what tie the record to this bundle."""
         f = self.path / ORACLE
-        if f.is_file():
+        if ORACLE in self.manifest["files"] and f.is_file():
             return read_json(f)
         return self.manifest.get("oracle")
 

@@ -429,12 +429,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             field = next(k for k, v in b.config.to_dict().items() if ckpt.config.to_dict()[k] != v)
             raise Gemma4Error(f"{args.reference}: not this bundle's model (config field '{field}' is "
                               f"{ckpt.config.to_dict()[field]!r}, the bundle has {b.config.to_dict()[field]!r})")
-        oracle = make_oracle(ckpt.path, b.tokenizer(), b.chat_template or "",
+        if not b.chat_template:
+            raise Gemma4Error(f"{b.path}: the bundle has no chat template, which the reference needs to format "
+                              "its prompt")
+        oracle = make_oracle(ckpt.path, b.tokenizer(), b.chat_template,
                              n_tokens=args.tokens or 32, log=lambda m: print(m, file=sys.stderr))
         if oracle is None:
             raise Gemma4Error("the fp32 reference does not fit in this machine's memory (see the message above)")
     elif b.oracle:
         oracle = b.oracle
+        _check_oracle_prompt(b, oracle)
     else:
         raise Gemma4Error(f"{b.path}: the bundle holds no oracle (converted with --no-oracle or without enough "
                           "RAM); pass --reference SRC to run the fp32 reference now")
@@ -453,6 +457,18 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"verify {b.path} on {report['backend']}")
         print(format_report(report))
     return 0 if report["passed"] else 1
+
+
+def _check_oracle_prompt(b, oracle: dict) -> None:
+    """The stored record's prompt ids must be this bundle's chat encoding of its prompt text: a record from
+    another tokenizer or template is refused before anything runs."""
+    from .generate import encode_chat
+
+    prompt = oracle.get("prompt") if isinstance(oracle, dict) else None
+    if isinstance(prompt, str) and b.chat_template:
+        if encode_chat(b.tokenizer(), b.chat_template, prompt) != oracle.get("prompt_ids"):
+            raise Gemma4Error(f"{b.path}: the oracle's prompt_ids are not this bundle's chat encoding of its prompt "
+                              "(a record from another tokenizer or chat template)")
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:

@@ -93,6 +93,7 @@ def run_reference(model, prompt_ids: Sequence[int], n_tokens: int) -> dict[str, 
         "step_top2": [list(t) for t in step_top2],
         "tf_argmax": [t[0] for t in tf],
         "tf_gaps": [t[1] - t[3] for t in tf],
+        "tf_second": [t[2] for t in tf],
         "tf_top1_logit": [t[1] for t in tf],
     }
 
@@ -153,8 +154,23 @@ def check_oracle(oracle: Any, vocab_size: int | None = None) -> None:
     if not all(isinstance(x, list) and len(x) == 4 for x in oracle["step_top2"]):
         raise bad("step_top2", "must hold [top1 id, top1 logit, top2 id, top2 logit] per step")
     positions = len(prompt) + max(len(ref) - 1, 0)
-    ints("tf_argmax", positions)
+    tf_argmax = ints("tf_argmax", positions)
     numbers("tf_gaps", positions)
+    if "tf_second" in oracle:  # the teacher-forced runner-up ids (records written since session 13)
+        ints("tf_second", positions)
+    # The fields must agree with each other, as the reference wrote them: an edited or mixed-up record could
+    # otherwise make every mismatch a "tie".
+    for i, (t, gap) in enumerate(zip(oracle["step_top2"], oracle["step_gaps"], strict=True)):
+        if not (isinstance(t[0], int) and isinstance(t[2], int)) or t[0] != ref[i]:
+            raise bad("step_top2", f"step {i}: top-1 id {t[0]!r} is not reference_ids' {ref[i]}")
+        if gap < 0 or abs(gap - (t[1] - t[3])) > 1e-4 * max(1.0, abs(t[1])):
+            raise bad("step_gaps", f"step {i}: {gap} is not the top-2 gap of step_top2 ({t[1] - t[3]})")
+    if any(g < 0 for g in oracle["tf_gaps"]):
+        raise bad("tf_gaps", "holds a negative gap")
+    for i, r in enumerate(ref):  # teacher forcing over the reference's own tokens picks them again
+        pos = len(prompt) - 1 + i
+        if pos < positions and tf_argmax[pos] != r and min(oracle["tf_gaps"][pos], oracle["step_gaps"][i]) >= 1e-3:
+            raise bad("tf_argmax", f"position {pos} is {tf_argmax[pos]}, but the reference chose {r} there")
 
 
 def teacher_forced_logits(backend, ids: Sequence[int]) -> torch.Tensor:
@@ -188,7 +204,8 @@ def verify(backend, oracle: dict[str, Any], *, tokens: int | None = None, probe_
            tie_gap: float = TIE_GAP) -> dict[str, Any]:
     """Check a backend against an oracle record. Returns a report; report['passed'] is the verdict.
 
-    `tie_gap`: a mismatch where the reference's top-2 gap is below it is a tie (DESIGN: 0.1)."""
+    `tie_gap`: a mismatch where the reference's top-2 gap is below it, and the backend picked the reference's
+    runner-up, is a tie (DESIGN: 0.1)."""
     vocab = getattr(getattr(backend, "config", None), "vocab_size", None) or getattr(backend, "vocab_size", None)
     check_oracle(oracle, vocab)
     prompt = oracle["prompt_ids"]
@@ -209,7 +226,7 @@ def verify(backend, oracle: dict[str, Any], *, tokens: int | None = None, probe_
             free["matched"] += 1
             continue
         entry = {"step": i, "got": got[i], "expected": ref[i], "ref_gap": gaps[i]}
-        if gaps[i] < tie_gap:
+        if gaps[i] < tie_gap and got[i] == oracle["step_top2"][i][2]:  # a tie: the reference's own runner-up
             free["ties"].append(entry)
         else:
             free["mismatch"] = entry
@@ -220,10 +237,12 @@ def verify(backend, oracle: dict[str, Any], *, tokens: int | None = None, probe_
     logits = teacher_forced_logits(backend, seq)
     arg = torch.argmax(logits, dim=-1).tolist()
     tf = {"positions": len(seq), "mismatches": [], "ties": []}
+    second = oracle.get("tf_second")  # older records lack it: any token under the gap is then a tie
     for pos, (a, b) in enumerate(zip(arg, oracle["tf_argmax"][: len(seq)], strict=True)):
         if a != b:
             entry = {"position": pos, "got": a, "expected": b, "ref_gap": oracle["tf_gaps"][pos]}
-            (tf["ties"] if oracle["tf_gaps"][pos] < tie_gap else tf["mismatches"]).append(entry)
+            tie = oracle["tf_gaps"][pos] < tie_gap and (second is None or a == second[pos])
+            (tf["ties"] if tie else tf["mismatches"]).append(entry)
 
     probe = determinism_probe(backend, prompt, probe_backend)
     passed = free["mismatch"] is None and not tf["mismatches"] and probe["identical"]
