@@ -418,5 +418,6 @@ def test_cli_export_stderr_is_clean(tiny_bundle, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stderr == ""
     lines = p.stdout.splitlines()  # -q: what was written and the time only (no coreai-torch progress either)
-    assert [ln.split()[0] for ln in lines] == ["wrote", "export"], lines
+    assert [ln.split()[0] for ln in lines] == ["wrote", "wrote", "export"], lines  # the graph, the PLE tables
+    assert lines[1].split()[1] == str(next(out.glob("ios-frontend/*_gather_raw")))
     assert [len(list(out.glob(f"gpu-pipelined/*/{f}"))) for f in ("*.aimodel", "metadata.json")] == [1, 1]

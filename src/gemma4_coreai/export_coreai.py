@@ -581,7 +581,8 @@ def run_export(args: argparse.Namespace) -> int:
         dirs = export_coreai(args.bundle, args.out, mode=args.mode, max_context=args.max_context,
                              kv_dtype=getattr(args, "kv_dtype", "fp16"), force=args.force,
                              log=(lambda s: None) if quiet else print)
-    for d in dirs:
+    tables = {d.parent.parent / "ios-frontend" / tables_dir_name(d.name) for d in dirs}
+    for d in [*dirs, *sorted(tables)]:  # the graphs, then the PLE tables they share (2.6 GiB on E4B)
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
         print(f"wrote {d} ({size / 1024**3:.3f} GiB)")
     print(f"export took {time.perf_counter() - t0:.1f} s")
