@@ -135,6 +135,21 @@ def _as_torch(a: Any) -> torch.Tensor:
         return torch.from_numpy(np.asarray(a))
 
 
+def check_ids(ids: Sequence[int], vocab_size: int, position: int, max_context: int, hint: str = "") -> list[int]:
+    """Tokens about to be appended at `position`, checked whole before any runs (every backend's contract):
+    at least one, each below `vocab_size`, the sequence within `max_context`. Returns them as ints."""
+    ids = [int(t) for t in ids]
+    if not ids:
+        raise Gemma4Error("need at least one token")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise Gemma4Error(f"token id {bad} is out of range for vocab size {vocab_size}")
+    end = position + len(ids)
+    if end > max_context:
+        raise Gemma4Error(f"sequence of {end} tokens exceeds the max context of {max_context} tokens{hint}")
+    return ids
+
+
 class TorchBackend:
     """The decoder on CPU or CUDA. Logits come back as fp32 tensors on the backend's device.
 
@@ -306,16 +321,7 @@ class TorchBackend:
         return self._forward(ids, last_only=False)
 
     def _check(self, ids: Sequence[int]) -> list[int]:
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise Gemma4Error("need at least one token")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise Gemma4Error(f"token id {bad} is out of range for vocab size {self.vocab_size}")
-        end = self._position + len(ids)
-        if end > self.max_context:
-            raise Gemma4Error(f"sequence of {end} tokens exceeds the max context of {self.max_context} tokens")
-        return ids
+        return check_ids(ids, self.vocab_size, self._position, self.max_context)
 
     def _ple_rows(self, ids: list[int]) -> torch.Tensor | None:
         if self.ple_mode == "tbl":

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backends import check_ids
 from .checkpoint import read_json, sha256_file
 from .errors import Gemma4Error
 from .export_coreai import require_coreai
@@ -199,16 +200,7 @@ class CoreAIBackend:
 
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
         """Append `ids` as S=1 steps; fp32 logits [V] of the last one."""
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise Gemma4Error("need at least one token")
-        # the whole prompt is checked before any of it runs, as the torch backend does: no half-fed state
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise Gemma4Error(f"token id {bad} is out of range for vocab size {self.vocab_size}")
-        if self._position + len(ids) > self.max_context:
-            raise Gemma4Error(f"sequence of {self._position + len(ids)} tokens exceeds the max context of "
-                              f"{self.max_context} tokens (export with a larger --max-context)")
+        ids = self._check(ids)  # the whole prompt, before any of it runs: no half-fed state
         logits = None
         for t in ids:
             logits = self.decode(t)
@@ -216,12 +208,7 @@ class CoreAIBackend:
 
     def decode(self, token_id: int) -> torch.Tensor:
         """Append one token; fp32 logits [V]."""
-        t = int(token_id)
-        if not 0 <= t < self.vocab_size:
-            raise Gemma4Error(f"token id {t} is out of range for vocab size {self.vocab_size}")
-        if self._position >= self.max_context:
-            raise Gemma4Error(f"sequence of {self._position + 1} tokens exceeds the max context of "
-                              f"{self.max_context} tokens (export with a larger --max-context)")
+        (t,) = self._check([token_id])
         nd = self._NDArray
         inputs = {"input_ids": nd(np.array([[t]], np.int32)), "position": nd(np.array([self._position], np.int32))}
         if self.ple_mode == "provider":
@@ -231,6 +218,10 @@ class CoreAIBackend:
         out = self._fn(inputs, self._state)
         self._position += 1
         return torch.from_numpy(out["logits"].numpy().astype(np.float32).reshape(-1))
+
+    def _check(self, ids: Sequence[int]) -> list[int]:
+        return check_ids(ids, self.vocab_size, self._position, self.max_context,
+                         " (export with a larger --max-context)")
 
     def _ple_row(self, t: int) -> np.ndarray:
         """One token's PLE row from the int8 memmap: fp32 `i8 * scale * sqrt(P)`, fed as fp16 [1, 1, L, P]."""

@@ -8,7 +8,6 @@ window per token and holds back an incomplete UTF-8 tail, so a long reply costs 
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import time
 from collections.abc import Iterator, Sequence
@@ -154,8 +153,6 @@ class Sampler:
 
 # ---- streaming detokenization --------------------------------------------------------------------------
 
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
-
 class StreamDetokenizer:
     """Decodes a growing token list incrementally: each call decodes only the tokens since the last emitted
     boundary (plus a few of context, so merges like leading spaces decode right) and holds back text that
@@ -170,7 +167,8 @@ class StreamDetokenizer:
         self.ids: list[int] = []
         self.prefix = 0  # start of the decode window
         self.read = 0  # tokens before this index have been emitted
-        self.byte_ids = {i for t, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(t)}
+        # the 256 byte-fallback tokens, looked up by name (a scan of a 262k vocabulary would cost every request)
+        self.byte_ids = {i for b in range(256) if (i := tokenizer.token_to_id(f"<0x{b:02X}>")) is not None}
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip)
