@@ -114,7 +114,9 @@ def test_convert_refuses_to_replace_its_source(tiny_ckpt, tmp_path):
 
 def good_oracle() -> dict:
     return {"prompt_ids": [2, 5, 7], "reference_ids": [9, 4], "step_gaps": [1.0, 0.5],
-            "step_top2": [[9, 3.0, 1, 2.0], [4, 2.5, 3, 2.0]], "tf_argmax": [5, 7, 9, 4], "tf_gaps": [1, 1, 1, 1]}
+            "step_top2": [[9, 3.0, 1, 2.0], [4, 2.5, 3, 2.0]], "tf_argmax": [5, 7, 9, 4], "tf_gaps": [1, 1, 1, 1],
+            "step_near": [[[1, 1.0]], [[3, 0.5], [8, 0.9]]],
+            "tf_near": [[[1, 1.0]], [[2, 1.0]], [[1, 1.0], [3, 1.0]], [[3, 1.0]]]}
 
 
 class _Scripted:
@@ -143,8 +145,8 @@ class _Scripted:
 
 
 def test_tie_only_where_the_backend_picked_the_reference_runner_up():
-    """Under the tie gap, picking the reference's runner-up is a tie; picking any other token is a mismatch, in
-    free-running and teacher-forced checks alike."""
+    """A record without near candidates (session 13's): under the tie gap, picking the reference's runner-up is a
+    tie; picking any other token is a mismatch, in free-running and teacher-forced checks alike."""
     from gemma4_coreai.oracle import verify
 
     o = {"prompt_ids": [2], "reference_ids": [5, 6], "step_gaps": [0.05, 2.0],
@@ -155,6 +157,26 @@ def test_tie_only_where_the_backend_picked_the_reference_runner_up():
     other = verify(_Scripted({0: 9, 1: 6}), o, tie_gap=0.1)
     assert not other["passed"] and other["free_running"]["mismatch"]["got"] == 9
     assert [e["position"] for e in other["teacher_forced"]["mismatches"]] == [0]
+
+
+def test_tie_where_the_picked_token_is_near_the_reference_top1():
+    """With near candidates in the record (since session 14), a mismatch is a tie where the picked token's own
+    reference gap is under the tie gap, runner-up or not (half precision may pick the reference's third token);
+    a token farther away, or not listed, is a mismatch."""
+    from gemma4_coreai.oracle import verify
+
+    o = {"prompt_ids": [2], "reference_ids": [5, 6], "step_gaps": [0.05, 2.0],
+         "step_top2": [[5, 2.0, 7, 1.95], [6, 3.0, 8, 1.0]], "tf_argmax": [5, 6], "tf_gaps": [0.05, 2.0],
+         "tf_second": [7, 8], "step_near": [[[7, 0.05], [4, 0.08], [3, 0.3]], []],
+         "tf_near": [[[7, 0.05], [4, 0.08], [3, 0.3]], []]}
+    third = verify(_Scripted({0: 4, 1: 6}), o, tie_gap=0.1)
+    assert third["passed"] and third["free_running"]["ties"][0]["got"] == 4
+    assert [e["position"] for e in third["teacher_forced"]["ties"]] == [0]
+    for far in (3, 9):  # listed but over the tie gap; not listed at all
+        r = verify(_Scripted({0: far, 1: 6}), o, tie_gap=0.1)
+        assert not r["passed"] and r["free_running"]["mismatch"]["got"] == far
+        assert [e["position"] for e in r["teacher_forced"]["mismatches"]] == [0]
+    assert verify(_Scripted({0: 3, 1: 6}), o, tie_gap=0.5)["passed"]
 
 
 def test_oracle_token_ids_within_vocab():
@@ -175,6 +197,13 @@ def test_oracle_token_ids_within_vocab():
     (lambda o: o.update(tf_gaps=[1, 1, -1, 1]), r"field 'tf_gaps' holds a negative gap"),
     (lambda o: o["tf_argmax"].__setitem__(3, 6), r"field 'tf_argmax' position 3 is 6, but the reference chose 4"),
     (lambda o: o.update(tf_second=[1, 2]), r"field 'tf_second' has 2 entries, expected 4"),
+    (lambda o: o.update(tf_near=[[], [], []]), r"field 'tf_near' must be a list of 4 candidate lists"),
+    (lambda o: o["step_near"][1].reverse(), r"field 'step_near' position 1: candidates are not sorted by gap"),
+    (lambda o: o["step_near"][1].__setitem__(1, [8, 1.5]), r"field 'step_near' position 1: expected up to 8"),
+    (lambda o: o["step_near"][1].__setitem__(1, [4, 0.9]), r"field 'step_near' position 1: expected up to 8"),
+    (lambda o: o["tf_near"][2].__setitem__(1, [1, 1.0]), r"field 'tf_near' position 2: expected up to 8"),
+    (lambda o: o["step_near"].__setitem__(1, [[8, 0.9]]), r"field 'step_near' position 1: the closest candidate's"),
+    (lambda o: o["tf_near"].__setitem__(0, []), r"field 'tf_near' position 0: the closest candidate's gap"),
 ])
 def test_oracle_record_checked(change, message):
     check_oracle(good_oracle())

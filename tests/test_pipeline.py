@@ -2,10 +2,14 @@
 
 Three configs (a prompt longer than the sliding window; hub layout with pruned shared KV; E2B-like double-wide
 MLP with one KV head), both PLE modes: CPU fp32 must be token-exact for 32 greedy tokens with max
-|logit - reference| <= 1e-3. On CUDA (bf16) the DESIGN margin rule applies: a mismatch is a tie only where the
-reference's top-2 gap is < 0.1 where bf16 rounding allows it. Measured on an H100 (2026-11-28): the tiny and
-hub configs pass with 0.1; the E2B-like config's bf16 logits sit up to 0.73 from fp32 (max |logit| 18; the same
-0.73 on the CPU's bf16 path, fp32 exact), so bf16 gets the 0.75 tie margin test_model uses for half precision.
+|logit - reference| <= 1e-3. In bf16 (CPU, and CUDA) the DESIGN margin rule applies: a mismatch is a tie only
+where the picked token's reference logit is within the tie gap of the reference's top-1. Measured on an H100
+(2026-11-28): the tiny and hub configs pass with 0.1; the E2B-like config's bf16 logits sit up to 0.73 from
+fp32 (max |logit| 18; the same 0.73 on the CPU's bf16 path, fp32 exact), so bf16 gets the 0.75 tie margin
+test_model uses for half precision.
+Since session 14's synthetic weights (8-bit scales) the tiny config's bf16 logits also sit up to 0.91 from fp32,
+HF's own bf16 likewise (7 of 136 teacher-forced argmaxes differ for both), and at one position both pick the
+reference's third token (gap 0.17): hence the near-candidate rule rather than "the runner-up only".
 """
 
 from __future__ import annotations
@@ -65,6 +69,14 @@ def test_cpu_fp32_token_exact_against_live_reference(built, ple_mode):
     ours = be.forward_all(seq).float()
     assert ours.shape == ref.shape
     assert float((ours - ref).abs().max()) <= 1e-3
+
+
+def test_cpu_bf16_margin_rule(built):
+    """The same judgement on the CPU's bf16 path (the CUDA test's math, which CI can run)."""
+    _, bundle = built
+    b = Bundle.open(bundle)
+    report = verify(TorchBackend.from_bundle(b, device="cpu", dtype="bf16"), b.oracle, tie_gap=BF16_TIE_GAP)
+    assert report["passed"], report
 
 
 @pytest.mark.cuda

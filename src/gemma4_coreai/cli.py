@@ -490,7 +490,8 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probe-backend", default=None, choices=("cpu", "cuda"),
                    help="determinism probe against the torch backend on this device (default: a second run)")
     p.add_argument("--tie-gap", type=float, default=None, metavar="G",
-                   help="margin rule: mismatches where the reference's top-2 gap is below G (finite, >= 0) are ties "
+                   help="margin rule: a mismatch is a tie where the picked token's reference logit is within G "
+                        "(finite, >= 0) of the reference's top-1; the record lists the tokens within 1.0 "
                         "(default 0.1; 0.75 for bf16/fp16 backends)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_backend_args(p)
