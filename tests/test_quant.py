@@ -23,6 +23,35 @@ def test_q4_bit_exact_on_lattice(dtype):
     assert torch.equal(quant.q4_0_dequantize(q2, d2, dtype), w)
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_q4_exact_when_the_scales_have_more_bits_than_bf16(scale_dtype):
+    """A QAT checkpoint may hold bf16(q * d) with d of fp16's 11 (llama.cpp's q4_0) or fp32's 24 significant bits:
+    `m / -8` then reproduces only ~40% of its blocks, and the refined scales every one, stored as fp16 where
+    they can be. Blocks that `m / -8` already reproduces keep that scale."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 64, 512
+    q = torch.randint(-8, 8, (n, k // 32, 32), generator=g)
+    q[..., 7] = -8  # the largest magnitude on -8 d, as in q4_0
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.02 + 1e-3).to(scale_dtype).float()
+    w = (q.float() * d).reshape(n, k).bfloat16()
+    q0, d0 = quant.q4_0_quantize(w)
+    assert (quant.q4_0_dequantize(q0, d0, torch.bfloat16) == w).reshape(n, -1, 32).all(-1).float().mean() < 0.6
+    rep = quant.LatticeReport()
+    e = quant.linear_entries("x.weight", w, rep, chunk_rows=16)
+    assert rep.tensors["x.weight"].exact_fraction == 1.0
+    assert e["x.scale"].dtype == scale_dtype  # fp16 scales survive compaction; fp32 ones are kept
+    q2, d2 = quant.load_linear(e, "x.weight")
+    assert torch.equal(q2, q0) and torch.equal(quant.q4_0_dequantize(q2, d2, torch.bfloat16), w)
+    kept = (quant.q4_0_dequantize(q0, d0, torch.bfloat16) == w).reshape(n, -1, 32).all(-1)
+    assert torch.equal(d2.float()[kept], d0[kept])
+
+
+def test_refine_leaves_off_lattice_blocks_alone():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)).bfloat16()
+    q, d = quant.q4_0_quantize(w)
+    assert torch.equal(quant.refine_scales(w, q, d), d)
+
+
 def test_report_exact_and_off_lattice():
     rep = quant.LatticeReport()
     good = _on_lattice()

@@ -2,8 +2,9 @@
 
 q4_0: blocks of 32 consecutive weights along the input dimension; `d = m / -8` where m is the block's signed
 value of largest magnitude; `q = clamp(round(w / d), -8, 7)`; `w ~ d * q`. On a QAT checkpoint every block
-already lies on such a lattice and this reproduces it bit for bit (`d` is an exact power-of-two division of a
-value the checkpoint holds, so `w / d` is an exact integer).
+already lies on such a lattice and this reproduces it bit for bit where the scale has at most the checkpoint
+dtype's significant bits (`d` is then an exact power-of-two division of a value the checkpoint holds);
+`refine_scales` finds the scale of blocks stored from wider (fp16, fp32) scales.
 """
 
 from __future__ import annotations
@@ -44,6 +45,68 @@ def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
         sub = blocks[tie.squeeze(-1)]
         m[tie] = torch.gather(sub, -1, sub.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
     return m
+
+
+# significand bits (implicit bit included) and smallest subnormal of the 16-bit checkpoint dtypes
+_SIGNIFICAND = {torch.bfloat16: (8, 2.0 ** -133), torch.float16: (11, 2.0 ** -24)}
+
+
+def _rounding_interval(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 bounds [lo, hi] of the reals that round to each value of `w` (held exactly in fp64) in `dtype`;
+    zero gets an empty interval (a nonzero q can't produce it, and no scale needs to)."""
+    bits, tiny = _SIGNIFICAND[dtype]
+    mant, exp = torch.frexp(w.abs())
+    ulp = torch.clamp(torch.ldexp(torch.ones_like(w), exp - bits), min=tiny)
+    below = torch.where(mant == 0.5, torch.clamp(ulp / 2, min=tiny), ulp)  # a power of two: finer spacing below
+    up, down = torch.where(w >= 0, ulp, below), torch.where(w >= 0, below, ulp)
+    lo, hi = w - down / 2, w + up / 2
+    return torch.where(w == 0, torch.inf, lo), torch.where(w == 0, -torch.inf, hi)
+
+
+def refine_scales(src: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Scales [N, K/32] that make `bf16(q * d)` reproduce a 16-bit checkpoint's blocks where `m / -8` does not.
+
+    `m / -8` is exact whenever the checkpoint holds `bf16(q * d)` with d of at most 8 significant bits; a scale
+    of more bits (an fp16 d, as llama.cpp stores, or an fp32 one) rounds `-8 * d` to m and moves other products
+    by an ulp. For each such block the products pin d to an interval (the intersection over its nonzero q of the
+    reals that round to each value, divided by q); where it is not empty, an fp16 d inside it is taken if there
+    is one, else an fp32 one, and kept only if the products then match. Other blocks keep `d`."""
+    if src.dtype not in _SIGNIFICAND:
+        return d
+    n, k = src.shape
+    w = src.reshape(n, k // BLOCK, BLOCK)
+    qb = q.reshape(n, k // BLOCK, BLOCK)
+    deq = q4_0_dequantize(q, d, src.dtype).reshape(w.shape)
+    off = ~(deq == w).all(-1)
+    # only blocks off by rounding (a lattice whose scale has more bits moves products by an ulp, ~2^-8 of the
+    # block's largest value); a block that is off the lattice altogether misses by up to half a step (1/16)
+    err = (deq.float() - w.float()).abs().amax(-1)
+    off &= err <= w.float().abs().amax(-1) * 2.0 ** -6
+    if not off.any():
+        return d
+    d = d.clone()
+    idx = off.nonzero(as_tuple=True)
+    for s in range(0, idx[0].numel(), 65536):  # bounded fp64 temporaries
+        part = tuple(i[s:s + 65536] for i in idx)
+        wq, qq = w[part].double(), qb[part].double()
+        lo, hi = _rounding_interval(wq, src.dtype)
+        lo, hi = torch.where(qq < 0, hi, lo) / qq, torch.where(qq < 0, lo, hi) / qq
+        has_q = qq != 0  # q = 0 gives no bound
+        d_lo = torch.where(has_q, lo, -torch.inf).amax(-1)
+        d_hi = torch.where(has_q, hi, torch.inf).amin(-1)
+        mid = (d_lo + d_hi) / 2
+        cands = [mid.to(torch.float16).double(), mid.float().double()]
+        best = d[part].double()
+        done = torch.zeros_like(best, dtype=torch.bool)
+        for c in cands:
+            inside = (c >= d_lo) & (c <= d_hi) & torch.isfinite(c) & (c != 0) & ~done
+            # the products as the runtime forms them: fp32 q * d, then one rounding to the checkpoint's dtype
+            exact = ((qq * c.unsqueeze(-1)).float().to(src.dtype) == w[part]).all(-1)
+            take = inside & exact
+            best = torch.where(take, c, best)
+            done |= take
+        d[part] = best.float()
+    return d
 
 
 def q4_0_dequantize(q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -164,8 +227,12 @@ def linear_entries(name: str, w: torch.Tensor, report: LatticeReport | None = No
     for r0 in range(0, w.shape[0], chunk_rows):
         chunk = w[r0:r0 + chunk_rows]
         q, d = q4_0_quantize(chunk)
+        deq = q4_0_dequantize(q, d, chunk.dtype)
+        if not torch.equal(deq, chunk):  # some blocks miss under m / -8: scales of more bits may hit them
+            d = refine_scales(chunk, q, d)
+            deq = q4_0_dequantize(q, d, chunk.dtype)
         if report is not None:
-            report.tensor(name).add(chunk, q4_0_dequantize(q, d, chunk.dtype), BLOCK)
+            report.tensor(name).add(chunk, deq, BLOCK)
         packed.append(pack_int4(q))
         scales.append(d)
     return {stem(name) + ".q4": torch.cat(packed), stem(name) + ".scale": compact_scales(torch.cat(scales))}
