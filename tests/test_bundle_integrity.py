@@ -179,6 +179,21 @@ def test_tie_where_the_picked_token_is_near_the_reference_top1():
     assert verify(_Scripted({0: 3, 1: 6}), o, tie_gap=0.5)["passed"]
 
 
+def test_oracle_top_and_near_candidates_agree_on_equal_logits():
+    """Equal top logits: one ordering gives the top-1, the runner-up and the candidates, so the record passes its
+    own checks (two separate top-k calls ordered equal values differently)."""
+    from gemma4_coreai.oracle import _top
+
+    row = torch.randn(5000, generator=torch.Generator().manual_seed(0))
+    row[[4321, 17, 2500]] = row.max() + 1  # three-way tie at the top
+    (t1, v1, t2, v2), near = _top(row)
+    assert v1 == v2 and t1 not in [c[0] for c in near] and near[0] == [t2, 0.0]
+    assert {t1, t2, near[1][0]} == {4321, 17, 2500}
+    rec = {"prompt_ids": [1], "reference_ids": [t1], "step_gaps": [v1 - v2], "step_top2": [[t1, v1, t2, v2]],
+           "step_near": [near], "tf_argmax": [t1], "tf_gaps": [v1 - v2], "tf_second": [t2], "tf_near": [near]}
+    check_oracle(rec, 5000)
+
+
 def test_oracle_token_ids_within_vocab():
     with pytest.raises(Gemma4Error, match=r"oracle record: field 'reference_ids' holds token id 9, out of range "
                                           r"for vocab size 8"):
@@ -204,6 +219,9 @@ def test_oracle_token_ids_within_vocab():
     (lambda o: o["tf_near"][2].__setitem__(1, [1, 1.0]), r"field 'tf_near' position 2: expected up to 8"),
     (lambda o: o["step_near"].__setitem__(1, [[8, 0.9]]), r"field 'step_near' position 1: the closest candidate's"),
     (lambda o: o["tf_near"].__setitem__(0, []), r"field 'tf_near' position 0: the closest candidate's gap"),
+    (lambda o: o["step_near"][1].__setitem__(0, [6, 0.5]), r"field 'step_near' position 1: the closest candidate 6"),
+    (lambda o: o.update(tf_second=[1, 2, 3, 3]), r"field 'tf_near' position 2: the closest candidate 1 is not the "
+                                                 r"runner-up 3"),
 ])
 def test_oracle_record_checked(change, message):
     check_oracle(good_oracle())

@@ -134,7 +134,8 @@ class _ExportWeights(Mapping):
             return t.to(torch.float16, copy=True)
         if key.endswith(".scale") and t.dtype != torch.float16:
             raise Gemma4Error(f"{key}: the bundle keeps this linear's block scales in {str(t.dtype)[6:]} because "
-                              "they are not fp16-exact; Core AI int4 needs fp16 scales, so it cannot be exported "
+                              "they are not fp16-exact (the checkpoint was made from wider scales, and the bundle "
+                              "reproduces it bit for bit); Core AI int4 needs fp16 scales, so it cannot be exported "
                               "on the exact lattice")
         return t.clone()
 

@@ -67,16 +67,14 @@ def load_reference(ckpt_dir: str | Path):
     return model.eval()
 
 
-def _top2(logits: torch.Tensor) -> tuple[int, float, int, float]:
-    v, i = torch.topk(logits.float(), 2)
-    return int(i[0]), float(v[0]), int(i[1]), float(v[1])
-
-
-def _near(logits: torch.Tensor) -> list[list]:
-    """[[id, gap to the top-1], ...] for the tokens after the top-1 within NEAR_GAP of it, closest first."""
+def _top(logits: torch.Tensor) -> tuple[tuple[int, float, int, float], list[list]]:
+    """((top-1 id, logit, top-2 id, logit), near candidates) from one ordering of the logits, so that equal logits
+    cannot put a token both first and among the candidates. Near candidates: [[id, gap to the top-1], ...] for the
+    tokens after the top-1 within NEAR_GAP of it, closest first. Gaps in Python floats, as the record's top-2 gaps."""
     v, i = torch.topk(logits.float(), min(NEAR_MAX + 1, logits.numel()))
-    top, rest = v.tolist()[0], v.tolist()[1:]  # gaps in Python floats, as the record's top-2 gaps
-    return [[t, top - x] for t, x in zip(i[1:].tolist(), rest, strict=True) if top - x <= NEAR_GAP]
+    vals, ids = v.tolist(), i.tolist()
+    top2 = (ids[0], vals[0], ids[1], vals[1])
+    return top2, [[t, vals[0] - x] for t, x in zip(ids[1:], vals[1:], strict=True) if vals[0] - x <= NEAR_GAP]
 
 
 @torch.inference_mode()
@@ -88,10 +86,10 @@ def run_reference(model, prompt_ids: Sequence[int], n_tokens: int) -> dict[str, 
     out = model(input_ids=ids, use_cache=True)
     ref_ids, step_top2, step_near = [], [], []
     for step in range(n_tokens):
-        top = _top2(out.logits[0, -1])
+        top, near = _top(out.logits[0, -1])
         ref_ids.append(top[0])
         step_top2.append(top)
-        step_near.append(_near(out.logits[0, -1]))
+        step_near.append(near)
         if step + 1 < n_tokens:
             past = getattr(out, "cache", None) or out.past_key_values
             out = model(input_ids=torch.tensor([[top[0]]]), use_cache=True, **{cache_kw: past})
@@ -100,7 +98,7 @@ def run_reference(model, prompt_ids: Sequence[int], n_tokens: int) -> dict[str, 
     if not (torch.isfinite(logits).all() and all(math.isfinite(t[1]) and math.isfinite(t[3]) for t in step_top2)):
         raise Gemma4Error("the fp32 reference produced non-finite logits (NaN/inf): the checkpoint's weights are "
                           "not usable")
-    tf = [_top2(row) for row in logits]
+    tf, tf_near = zip(*(_top(row) for row in logits), strict=True)
     return {
         "prompt_ids": list(prompt_ids),
         "reference_ids": ref_ids,
@@ -110,7 +108,7 @@ def run_reference(model, prompt_ids: Sequence[int], n_tokens: int) -> dict[str, 
         "tf_argmax": [t[0] for t in tf],
         "tf_gaps": [t[1] - t[3] for t in tf],
         "tf_second": [t[2] for t in tf],
-        "tf_near": [_near(row) for row in logits],
+        "tf_near": list(tf_near),
         "tf_top1_logit": [t[1] for t in tf],
     }
 
@@ -176,7 +174,7 @@ def check_oracle(oracle: Any, vocab_size: int | None = None) -> None:
     if "tf_second" in oracle:  # the teacher-forced runner-up ids (records written since session 13)
         ints("tf_second", positions)
 
-    def near(field: str, top1: list, gaps: list) -> None:  # records written since session 14
+    def near(field: str, top1: list, gaps: list, second: list | None) -> None:  # records since session 14
         v = oracle.get(field)
         if v is None:
             return
@@ -192,9 +190,11 @@ def check_oracle(oracle: Any, vocab_size: int | None = None) -> None:
                                  f"with gaps in [0, {NEAR_GAP}]")
             if [c[1] for c in cands] != sorted(c[1] for c in cands):
                 raise bad(field, f"position {i}: candidates are not sorted by gap")
-            # the closest candidate is the runner-up: its gap is the position's top-2 gap
+            # the closest candidate is the runner-up: its id, and its gap is the position's top-2 gap
             if (gap <= NEAR_GAP) != bool(cands) or (cands and abs(cands[0][1] - gap) > 1e-4 * max(1.0, gap)):
                 raise bad(field, f"position {i}: the closest candidate's gap is not the top-2 gap {gap}")
+            if cands and second is not None and cands[0][0] != second[i]:
+                raise bad(field, f"position {i}: the closest candidate {cands[0][0]} is not the runner-up {second[i]}")
 
     # The fields must agree with each other, as the reference wrote them: an edited or mixed-up record could
     # otherwise make every mismatch a "tie".
@@ -209,8 +209,8 @@ def check_oracle(oracle: Any, vocab_size: int | None = None) -> None:
         pos = len(prompt) - 1 + i
         if pos < positions and tf_argmax[pos] != r and min(oracle["tf_gaps"][pos], oracle["step_gaps"][i]) >= 1e-3:
             raise bad("tf_argmax", f"position {pos} is {tf_argmax[pos]}, but the reference chose {r} there")
-    near("step_near", ref, oracle["step_gaps"])
-    near("tf_near", tf_argmax, oracle["tf_gaps"])
+    near("step_near", ref, oracle["step_gaps"], [t[2] for t in oracle["step_top2"]])
+    near("tf_near", tf_argmax, oracle["tf_gaps"], oracle.get("tf_second"))
 
 
 def teacher_forced_logits(backend, ids: Sequence[int]) -> torch.Tensor:

@@ -69,8 +69,9 @@ def refine_scales(src: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.
     `m / -8` is exact whenever the checkpoint holds `bf16(q * d)` with d of at most 8 significant bits; a scale
     of more bits (an fp16 d, as llama.cpp stores, or an fp32 one) rounds `-8 * d` to m and moves other products
     by an ulp. For each such block the products pin d to an interval (the intersection over its nonzero q of the
-    reals that round to each value, divided by q); where it is not empty, an fp16 d inside it is taken if there
-    is one, else an fp32 one, and kept only if the products then match. Other blocks keep `d`."""
+    reals that round to each value, divided by q). Candidates from it: the fp16 value nearest its middle and
+    both fp16 neighbours of that one (a middle on a rounding tie may round to a false end), then the fp32 middle;
+    the first whose products match every value wins. Other blocks keep `d`."""
     if src.dtype not in _SIGNIFICAND:
         return d
     n, k = src.shape
@@ -79,33 +80,34 @@ def refine_scales(src: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.
     deq = q4_0_dequantize(q, d, src.dtype).reshape(w.shape)
     off = ~(deq == w).all(-1)
     # only blocks off by rounding (a lattice whose scale has more bits moves products by an ulp, ~2^-8 of the
-    # block's largest value); a block that is off the lattice altogether misses by up to half a step (1/16)
+    # block's largest value, or by one subnormal step); a block off the lattice altogether misses by up to half
+    # a step (1/16 of it)
     err = (deq.float() - w.float()).abs().amax(-1)
-    off &= err <= w.float().abs().amax(-1) * 2.0 ** -6
+    off &= err <= torch.clamp(w.float().abs().amax(-1) * 2.0 ** -6, min=2 * _SIGNIFICAND[src.dtype][1])
     if not off.any():
         return d
     d = d.clone()
     idx = off.nonzero(as_tuple=True)
     for s in range(0, idx[0].numel(), 65536):  # bounded fp64 temporaries
         part = tuple(i[s:s + 65536] for i in idx)
-        wq, qq = w[part].double(), qb[part].double()
-        lo, hi = _rounding_interval(wq, src.dtype)
-        lo, hi = torch.where(qq < 0, hi, lo) / qq, torch.where(qq < 0, lo, hi) / qq
-        has_q = qq != 0  # q = 0 gives no bound
-        d_lo = torch.where(has_q, lo, -torch.inf).amax(-1)
-        d_hi = torch.where(has_q, hi, torch.inf).amin(-1)
-        mid = (d_lo + d_hi) / 2
-        cands = [mid.to(torch.float16).double(), mid.float().double()]
-        best = d[part].double()
-        done = torch.zeros_like(best, dtype=torch.bool)
+        wp, qf = w[part], qb[part].float()
+        lo, hi = _rounding_interval(wp.double(), src.dtype)
+        qd = qf.double()
+        lo, hi = torch.where(qd < 0, hi, lo) / qd, torch.where(qd < 0, lo, hi) / qd
+        has_q = qd != 0  # q = 0 gives no bound
+        mid = (torch.where(has_q, lo, -torch.inf).amax(-1) + torch.where(has_q, hi, torch.inf).amin(-1)) / 2
+        h = mid.to(torch.float16)
+        bits = h.view(torch.int16)
+        cands = [h.float(), (bits + 1).view(torch.float16).float(), (bits - 1).view(torch.float16).float(),
+                 mid.float()]
+        best, done = d[part], torch.zeros(mid.shape, dtype=torch.bool)
         for c in cands:
-            inside = (c >= d_lo) & (c <= d_hi) & torch.isfinite(c) & (c != 0) & ~done
             # the products as the runtime forms them: fp32 q * d, then one rounding to the checkpoint's dtype
-            exact = ((qq * c.unsqueeze(-1)).float().to(src.dtype) == w[part]).all(-1)
-            take = inside & exact
-            best = torch.where(take, c, best)
-            done |= take
-        d[part] = best.float()
+            ok = torch.isfinite(c) & (c != 0) & ~done
+            ok &= ((qf * c.unsqueeze(-1)).to(src.dtype) == wp).all(-1)
+            best = torch.where(ok, c, best)
+            done |= ok
+        d[part] = best
     return d
 
 
