@@ -68,6 +68,21 @@ def test_final_logit_softcapping_absent_or_null_means_none():
      "x.json: field 'model_type' is 'llama': not a Gemma 4 model (expected 'gemma4' or 'gemma4_text')"),
     ({"hidden_size": 100},
      "x.json: field 'hidden_size' is 100: q4_0 needs every linear input dimension to be a multiple of 32"),
+    ({"hidden_size_per_layer_input": 0}, "x.json: field 'hidden_size_per_layer_input' is 0: per-layer embeddings "
+                                         "are required"),
+    # legacy RoPE forms HF still reads: ignoring them would change the math
+    ({"rope_scaling": {"rope_type": "default"}}, "x.json: field 'rope_scaling' is set: Gemma 4 keeps RoPE settings "
+                                                "per layer type in rope_parameters; this legacy form is not supported"),
+    ({"partial_rotary_factor": 0.25}, "x.json: field 'partial_rotary_factor' is set: Gemma 4 keeps RoPE settings "
+                                      "per layer type in rope_parameters; this legacy form is not supported"),
+    ({"rope_parameters": {"full_attention": {"type": "proportional"}}},
+     "x.json: field 'rope_parameters.full_attention.type' is set: use rope_type (the legacy key is not supported)"),
+    ({"per_layer_config": {"2": {"head_dim": 64, "intermediate_size": 512}}},
+     "x.json: field 'per_layer_config.2' overrides intermediate_size on a full layer: not supported"),
+    ({"per_layer_config": {"0": {"head_dim": 64}}},
+     "x.json: field 'per_layer_config.0' overrides head_dim on a sliding layer: not supported"),
+    ({"per_layer_config": {"2": {"head_dim": 64}, "7": {"head_dim": 128}}},
+     "x.json: field 'per_layer_config' gives full layers different head dims [64, 128]: not supported"),
 ])
 def test_refusals(patch, msg):
     raw = preset("tiny").to_hf_text_config() | patch
@@ -102,3 +117,36 @@ def test_required_names():
     assert "layers.4.self_attn.k_proj.weight" in lin
     assert lin["layers.2.self_attn.q_proj.weight"] == (4 * 64, 128)
     assert norms["layers.0.layer_scalar"] == (1,)
+
+
+def test_fields_left_out_take_hfs_defaults():
+    """transformers' save_pretrained leaves out values equal to Gemma4TextConfig's defaults: a left-out field means
+    that default, as HF loads it (vocab 262144, head_dim 256, PLE width 256, ...)."""
+    full = preset("e4b").to_hf_text_config()
+    for key in ("vocab_size", "head_dim", "hidden_size_per_layer_input"):
+        assert from_hf_config({k: v for k, v in full.items() if k != key}) == preset("e4b")
+    bare = from_hf_config({"model_type": "gemma4_text"})
+    assert (bare.hidden_size, bare.num_layers, bare.num_heads, bare.num_kv_heads, bare.intermediate_size) == \
+        (2304, 30, 8, 4, 9216)
+
+
+def test_global_head_dim_resolved_as_hf_does():
+    text = preset("tiny").to_hf_text_config()
+    base = {k: v for k, v in text.items() if k != "global_head_dim"}
+    # a per_layer_config decides; a full layer without an override keeps head_dim (a config re-saved by
+    # transformers where both are equal holds an empty one); zero-padded keys as transformers writes them
+    assert from_hf_config(base | {"per_layer_config": {}}).global_head_dim == 32
+    assert from_hf_config(base | {"per_layer_config": {"02": {"head_dim": 64}, "07": {"head_dim": 64}}}) == \
+        preset("tiny")
+    assert from_hf_config(text | {"per_layer_config": {}}).global_head_dim == 32  # global_head_dim then ignored
+    assert from_hf_config(base).global_head_dim == 512  # neither: HF's default
+
+
+def test_bidirectional_attention_for_vision_only_is_causal_text():
+    text = preset("tiny").to_hf_text_config()
+    assert from_hf_config(text | {"use_bidirectional_attention": "vision"}) == preset("tiny")
+
+
+def test_e2b_preset_has_a_full_layer_every_fifth():
+    cfg = preset("e2b")
+    assert [i for i, s in enumerate(cfg.layers) if s.kind == FULL] == [4, 9, 14, 19, 24, 29, 34]

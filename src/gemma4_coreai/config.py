@@ -363,7 +363,7 @@ def from_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     if get("attention_k_eq_v", False):
         raise _refuse(prefix + "attention_k_eq_v", "is true: K=V attention (the 26B/31B models) is out of scope",
                       source)
-    if get("use_bidirectional_attention") is not None:
+    if get("use_bidirectional_attention") not in (None, "vision"):  # "vision" leaves text attention causal
         raise _refuse(prefix + "use_bidirectional_attention",
                       f"is {get('use_bidirectional_attention')!r}: only causal attention is supported", source)
     if get("attention_bias", False):
@@ -371,33 +371,26 @@ def from_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelCon
     act = get("hidden_activation", "gelu_pytorch_tanh")
     if act != "gelu_pytorch_tanh":
         raise _refuse(prefix + "hidden_activation", f"is {act!r}, expected 'gelu_pytorch_tanh'", source)
-    if not get("hidden_size_per_layer_input"):
-        raise _refuse(prefix + "hidden_size_per_layer_input", "is missing or 0: per-layer embeddings are required",
-                      source)
+    if not get("hidden_size_per_layer_input", 256):
+        raise _refuse(prefix + "hidden_size_per_layer_input", "is 0: per-layer embeddings are required", source)
     tie = get("tie_word_embeddings", raw.get("tie_word_embeddings", True))
     if not tie:
         raise _refuse("tie_word_embeddings", "is false: Gemma 4 ties the output head to the embedding", source)
 
     names = {f: prefix + _HF_NAMES.get(f, f) for f in _FIELDS}
-    n_layers = _check_field(names["num_layers"], get("num_hidden_layers", required=True), "size", source)
+    n_layers = _check_field(names["num_layers"], get("num_hidden_layers", 30), "size", source)
     layer_types = get("layer_types")
     if layer_types is None:
         layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
     layer_types = list(_check_field(names["layer_types"], layer_types, "layer_types", source))
     layer_types[-1] = FULL  # HF forces the last layer to full attention; so do we, silently the same
 
-    global_head_dim = get("global_head_dim")
-    plc = get("per_layer_config")
-    if global_head_dim is None and isinstance(plc, dict):
-        for k, v in plc.items():
-            idx = int(k) if str(k).isdigit() else None
-            if (idx is not None and idx < len(layer_types) and layer_types[idx] == FULL) or k == FULL:
-                if isinstance(v, dict) and "head_dim" in v:
-                    global_head_dim = v["head_dim"]
-                    break
-    if global_head_dim is None:
-        global_head_dim = 512  # HF's default for Gemma 4
+    global_head_dim = _full_head_dim(t, prefix, layer_types, source)
 
+    for key in ("rope_scaling", "partial_rotary_factor", "rope_theta"):
+        if get(key) is not None:
+            raise _refuse(prefix + key, "is set: Gemma 4 keeps RoPE settings per layer type in rope_parameters; "
+                                        "this legacy form is not supported", source)
     rope = get("rope_parameters", {})
     if not isinstance(rope, dict):
         raise _refuse(prefix + "rope_parameters", f"is {_show(rope)}, expected an object", source)
@@ -409,6 +402,9 @@ def from_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         if r.get("factor", 1.0) not in (1, 1.0):
             raise _refuse(f"{prefix}rope_parameters.{name}.factor", "is not 1.0: scaled RoPE is not supported",
                           source)
+        if "type" in r:
+            raise _refuse(f"{prefix}rope_parameters.{name}.type", "is set: use rope_type (the legacy key is not "
+                                                                  "supported)", source)
         if r.get("rope_type", "default") not in ("default", "proportional"):
             raise _refuse(f"{prefix}rope_parameters.{name}.rope_type", f"is {r.get('rope_type')!r}: not supported",
                           source)
@@ -426,15 +422,15 @@ def from_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         eos = eos[0]
 
     kw = {
-        "vocab_size": get("vocab_size", required=True),
-        "hidden_size": get("hidden_size", required=True),
-        "intermediate_size": get("intermediate_size", required=True),
+        "vocab_size": get("vocab_size", 262_144),
+        "hidden_size": get("hidden_size", 2304),
+        "intermediate_size": get("intermediate_size", 9216),
         "num_layers": n_layers,
-        "num_heads": get("num_attention_heads", required=True),
-        "num_kv_heads": get("num_key_value_heads", required=True),
-        "head_dim": get("head_dim", required=True),
+        "num_heads": get("num_attention_heads", 8),
+        "num_kv_heads": get("num_key_value_heads", 4),
+        "head_dim": get("head_dim", 256),
         "global_head_dim": global_head_dim,
-        "ple_dim": get("hidden_size_per_layer_input"),
+        "ple_dim": get("hidden_size_per_layer_input", 256),
         "num_kv_shared_layers": get("num_kv_shared_layers", 0),
         "sliding_window": get("sliding_window", 512),
         "layer_types": tuple(layer_types),
@@ -455,6 +451,34 @@ def from_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         raise _refuse(prefix + "vocab_size_per_layer_input", "differs from vocab_size: not supported", source)
     kw.update({f: float(kw[f]) for f, kind in _FIELDS.items() if kind in ("positive", "fraction")})
     return ModelConfig(**kw)
+
+
+def _full_head_dim(t: dict[str, Any], prefix: str, layer_types: list[str], source: str) -> Any:
+    """The full layers' head dim as HF resolves it: a `per_layer_config` (index -> overrides) decides where
+    present, a full layer without a `head_dim` override keeping `head_dim`; otherwise `global_head_dim` (default
+    512). Overrides this model cannot express (other fields, sliding layers, unequal full layers) are refused."""
+    plc, base = t.get("per_layer_config"), t.get("head_dim") or 256
+    if plc is None:
+        return t.get("global_head_dim") or 512
+    if not isinstance(plc, dict):
+        raise _refuse(prefix + "per_layer_config", f"is {_show(plc)}, expected an object", source)
+    dims = set()
+    for k, v in plc.items():
+        label = f"{prefix}per_layer_config.{k}"
+        if not (str(k).isdigit() and int(k) < len(layer_types)) or not isinstance(v, dict):
+            raise _refuse(label, "is not a layer index with an object of overrides", source)
+        extra = sorted(set(v) - {"head_dim"} - {f for f in ("num_key_value_heads",) if v.get(f) == t.get(f)})
+        if extra or (layer_types[int(k)] != FULL and v.get("head_dim", base) != base):
+            raise _refuse(label, f"overrides {', '.join(extra) or 'head_dim'} on a "
+                                 f"{layer_types[int(k)].split('_')[0]} layer: not supported", source)
+    for i, kind in enumerate(layer_types):
+        if kind == FULL:
+            v = plc.get(str(i), plc.get(f"{i:02d}", plc.get(i, {})))
+            dims.add(v.get("head_dim", base) if isinstance(v, dict) else base)
+    if len(dims) > 1:
+        raise _refuse(prefix + "per_layer_config", f"gives full layers different head dims {sorted(dims)}: "
+                                                    "not supported", source)
+    return dims.pop() if dims else base
 
 
 def _rotary_factor(rope: dict[str, Any], default: float) -> Any:
@@ -485,7 +509,8 @@ def load_config(path: str | Path) -> ModelConfig:
 # ---- preset shapes (synthetic checkpoints and tests) --------------------------------------------------
 
 def preset(shape: str) -> ModelConfig:
-    """Named shapes: 'e4b', 'e2b' (the real models' geometry), 'tiny' (tests: every feature, small)."""
+    """Named shapes: 'e4b', 'e2b' (the real models' geometry: E4B full attention every 6th layer, E2B every 5th),
+    'tiny' (tests: every feature, small)."""
     if shape == "e4b":
         return ModelConfig(vocab_size=262_144, hidden_size=2560, intermediate_size=10240, num_layers=42, num_heads=8,
                            num_kv_heads=2, head_dim=256, global_head_dim=512, ple_dim=256, num_kv_shared_layers=18,
@@ -493,7 +518,7 @@ def preset(shape: str) -> ModelConfig:
     if shape == "e2b":
         return ModelConfig(vocab_size=262_144, hidden_size=1536, intermediate_size=6144, num_layers=35, num_heads=8,
                            num_kv_heads=1, head_dim=256, global_head_dim=512, ple_dim=256, num_kv_shared_layers=20,
-                           sliding_window=512, layer_types=_every_sixth_full(35), double_wide_mlp=True)
+                           sliding_window=512, layer_types=((SLIDING,) * 4 + (FULL,)) * 7, double_wide_mlp=True)
     if shape == "tiny":
         # 8 layers: full at 2 and 7; 3 KV-shared layers (5, 6 sliding -> borrow 4; 7 full -> borrows 2).
         types = (SLIDING, SLIDING, FULL, SLIDING, SLIDING, SLIDING, SLIDING, FULL)
