@@ -102,6 +102,18 @@ def test_bundle_refuses_bad_generation_config_and_tokenizer(tiny_bundle, tmp_pat
         bundle.tokenizer()
 
 
+@pytest.mark.parametrize("eos", ["1.5", '"106"', "true", "[]", "[1, -2]"])
+def test_generation_config_eos_token_id_checked(tmp_path, eos):
+    from gemma4_coreai.bundle import read_generation_config
+
+    path = tmp_path / "generation_config.json"
+    path.write_text('{"eos_token_id": ' + eos + '}')
+    with pytest.raises(Gemma4Error, match=r"field 'eos_token_id' is .*, expected a token id or a non-empty list"):
+        read_generation_config(path)
+    path.write_text('{"eos_token_id": [1, 106]}')
+    assert read_generation_config(path)["eos_token_id"] == [1, 106]
+
+
 def test_convert_refuses_to_replace_its_source(tiny_ckpt, tmp_path):
     src = tmp_path / "ck"
     shutil.copytree(tiny_ckpt, src)

@@ -99,6 +99,15 @@ def test_stream_detokenizer_byte_runs_decode_as_the_tokenizer_does(tok):
     assert tok.decode([byte[0x54], byte[0xF0]]) == "\ufffd\ufffd"  # what made the early 'T' wrong
 
 
+def test_stream_detokenizer_special_token_inside_a_byte_run(tok):
+    """A skipped special token between two byte tokens: decode drops it first, so the bytes on both sides decode
+    as one run, and the stream must too."""
+    gt, ab, unk = tok.token_to_id("<0x3E>"), tok.token_to_id("<0xAB>"), tok.token_to_id("<unk>")
+    ids = [gt, unk, ab]
+    det = StreamDetokenizer(tok)
+    assert "".join([det.add(t) for t in ids] + [det.flush()]) == tok.decode(ids, skip_special_tokens=True)
+
+
 def test_stop_tokens_and_result(tok):
     hello = tok.encode("the sea", add_special_tokens=False).ids
     be = ScriptedBackend(hello + [TURN_CLOSE, 7, 7])
@@ -128,6 +137,35 @@ def test_thought_channel_is_separated(tok):
     streamed_thought = "".join(s.text for s in steps[:-1] if s.channel == "thought")
     streamed_answer = "".join(s.text for s in steps[:-1] if s.channel == "answer")
     assert streamed_thought == "ponder waves" and streamed_answer == "The sea."
+
+
+def test_every_thought_channel_drops_its_label(tok):
+    label = tok.encode("thought\n", add_special_tokens=False).ids
+    one, two = (tok.encode(w, add_special_tokens=False).ids for w in ("waves", " tides"))
+    answer = tok.encode("The sea.", add_special_tokens=False).ids
+    script = [CHANNEL_OPEN, *label, *one, CHANNEL_CLOSE, *answer, CHANNEL_OPEN, *label, *two, CHANNEL_CLOSE]
+    steps = list(stream_generate(ScriptedBackend(script + [TURN_CLOSE]), tok, [2], max_new_tokens=100))
+    res = steps[-1]
+    assert res.thinking == "waves tides" and res.text == "The sea."
+    assert "".join(s.text for s in steps[:-1] if s.channel == "thought") == res.thinking
+
+
+def test_generation_arguments_checked(tok):
+    with pytest.raises(Gemma4Error, match="max_new_tokens must be >= 1, got 0"):
+        generate(ScriptedBackend([5]), tok, [2], max_new_tokens=0)
+    with pytest.raises(Gemma4Error, match="temperature must be a finite number >= 0, got nan"):
+        SamplingParams.from_generation_config({"do_sample": True}, temperature=float("nan"))
+    with pytest.raises(Gemma4Error, match="top_k must be an integer, got 2.5"):
+        SamplingParams.from_generation_config({}, top_k=2.5)
+
+
+def test_template_repetition_is_bounded():
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(Gemma4Error, match="chat template: .*over the template limit"):
+        render_chat("{{ 'a' * 10**10 }}", msgs)
+    with pytest.raises(Gemma4Error, match="chat template: exponent 100000 is over the template limit"):
+        render_chat("{{ 10 ** 100000 }}", msgs)
+    assert render_chat("{{ '=' * 3 }}{{ 2 ** 3 }}{{ [0] * 2 }}", msgs) == "===8[0, 0]"
 
 
 def test_context_limit(tok):

@@ -207,6 +207,10 @@ def load_tokenizer(path: Path):
 GENERATION_FIELDS = {"do_sample": (bool,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float)}
 
 
+def _token_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def read_generation_config(path: Path) -> dict[str, Any]:
     """generation_config.json as a dict, its sampling fields type-checked; one-line Gemma4Error otherwise."""
     gen = read_json(path)
@@ -219,6 +223,9 @@ def read_generation_config(path: Path) -> dict[str, Any]:
         if not isinstance(v, types) or (bool not in types and isinstance(v, bool)) or \
                 (isinstance(v, float) and not math.isfinite(v)):
             raise Gemma4Error(f"{path}: field '{key}' is {v!r}, expected {' or '.join(t.__name__ for t in types)}")
+    eos = gen.get("eos_token_id")
+    if eos is not None and not (_token_id(eos) or (isinstance(eos, list) and eos and all(map(_token_id, eos)))):
+        raise Gemma4Error(f"{path}: field 'eos_token_id' is {eos!r}, expected a token id or a non-empty list of them")
     for key, ok, rule in (("temperature", lambda v: v >= 0, ">= 0"), ("top_k", lambda v: v >= 0, ">= 0"),
                           ("top_p", lambda v: 0 < v <= 1, "in (0, 1]")):
         if gen.get(key) is not None and not ok(gen[key]):

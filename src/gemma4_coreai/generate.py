@@ -8,6 +8,7 @@ window per token and holds back an incomplete UTF-8 tail, so a long reply costs 
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from collections.abc import Iterator, Sequence
@@ -17,13 +18,12 @@ from typing import Any, Protocol
 import torch
 from jinja2.exceptions import TemplateError
 from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from .errors import Gemma4Error
 
 EOS, BOS, TURN_OPEN, TURN_CLOSE, NEWLINE = 1, 2, 105, 106, 107
 THINK, CHANNEL_OPEN, CHANNEL_CLOSE = 98, 100, 101
-TOOL_CALL_CLOSE = 50
 DEFAULT_STOP = (TURN_CLOSE, EOS)
 
 
@@ -60,12 +60,32 @@ def _strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
 
+# The largest string or list a template may build with `*`, and the largest exponent of `**`: a bundle's template
+# is untrusted input, and `'a' * 10**10` would otherwise take the process's memory.
+TEMPLATE_MAX_ITEMS = 1 << 20
+TEMPLATE_MAX_EXPONENT = 1024
+
+
+class _TemplateSandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and abs(right) > TEMPLATE_MAX_EXPONENT:
+            raise SecurityError(f"exponent {right} is over the template limit of {TEMPLATE_MAX_EXPONENT}")
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_ITEMS:
+                raise SecurityError(f"a repetition of {len(seq) * n} items is over the template limit of "
+                                    f"{TEMPLATE_MAX_ITEMS}")
+        return super().call_binop(context, operator, left, right)
+
+
 def render_chat(template: str, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
                 enable_thinking: bool = False, **extra: Any) -> str:
     """Render a chat template in a sandbox (no attribute access to Python internals, no file system), in the
     environment transformers' `apply_chat_template` gives it: loop controls, its `tojson`, `strftime_now`,
     `raise_exception` and the special tokens. Any failure is one line."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _TemplateSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
 
     def raise_exception(msg: str) -> None:
         raise TemplateError(msg)
@@ -119,7 +139,11 @@ class SamplingParams:
         if overrides.get("greedy") is None and any(overrides.get(k) is not None
                                                    for k in ("temperature", "top_k", "top_p", "seed")):
             p.greedy = False
-        if p.temperature <= 0:
+        if not (isinstance(p.temperature, int | float) and math.isfinite(p.temperature) and p.temperature >= 0):
+            raise Gemma4Error(f"temperature must be a finite number >= 0, got {p.temperature}")
+        if not isinstance(p.top_k, int) or isinstance(p.top_k, bool):
+            raise Gemma4Error(f"top_k must be an integer, got {p.top_k!r}")
+        if p.temperature == 0:
             p.greedy = True
         if not 0 < p.top_p <= 1:
             raise Gemma4Error(f"top_p must be in (0, 1], got {p.top_p}")
@@ -169,13 +193,15 @@ class StreamDetokenizer:
         self.read = 0  # tokens before this index have been emitted
         # the 256 byte-fallback tokens, looked up by name (a scan of a 262k vocabulary would cost every request)
         self.byte_ids = {i for b in range(256) if (i := tokenizer.token_to_id(f"<0x{b:02X}>")) is not None}
+        # special tokens decode to nothing when skipped, so the bytes on both sides of one decode as one run
+        self.skipped = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special} if self.skip else set()
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip)
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        if token in self.byte_ids:
+        if token in self.byte_ids or token in self.skipped:
             return ""  # inside a byte-fallback run: a later byte can still change how all of it decodes
         before = self._decode(self.ids[self.prefix:self.read])
         now = self._decode(self.ids[self.prefix:])
@@ -252,8 +278,10 @@ def stream_generate(backend: Backend, tokenizer, prompt_ids: Sequence[int], *, m
     check_prompt(prompt_ids, vocab_size or 1 << 62, backend.max_context)
     sampler = Sampler(sampling or SamplingParams(greedy=True))
     res = GenerationResult(prompt_tokens=len(prompt_ids))
+    if max_new_tokens < 1:
+        raise Gemma4Error(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     answer, thought = StreamDetokenizer(tokenizer), StreamDetokenizer(tokenizer)
-    channel, raw_thought = "answer", ""
+    channel, raw_thought, shown = "answer", "", 0  # this thought channel's raw text; how much of it streamed
     # The prompt fills len(prompt_ids) KV slots and every token but the last one fed back takes one more.
     budget = min(max_new_tokens, backend.max_context - len(prompt_ids) + 1)
 
@@ -269,17 +297,15 @@ def stream_generate(backend: Backend, tokenizer, prompt_ids: Sequence[int], *, m
             break
         res.tokens.append(token)
         text = ""
-        if token == CHANNEL_OPEN:
-            channel = "thought"
-        elif token == CHANNEL_CLOSE:
-            raw_thought += thought.flush()
-            text = _strip_label(raw_thought)[len(res.thinking):]
-            res.thinking += text
-            channel = "answer"
+        if token == CHANNEL_OPEN:  # each channel opens with its own 'thought\n' label
+            channel, raw_thought, shown, thought = "thought", "", 0, StreamDetokenizer(tokenizer)
         elif channel == "thought":
-            raw_thought += thought.add(token)
-            text = _strip_label(raw_thought)[len(res.thinking):]
+            raw_thought += thought.flush() if token == CHANNEL_CLOSE else thought.add(token)
+            text = _strip_label(raw_thought)[shown:]
+            shown += len(text)
             res.thinking += text
+            if token == CHANNEL_CLOSE:
+                channel = "answer"
         else:
             text = answer.add(token)
             res.text += text
@@ -292,10 +318,10 @@ def stream_generate(backend: Backend, tokenizer, prompt_ids: Sequence[int], *, m
         token = sampler(logits)
     res.decode_s = time.perf_counter() - t1
     # An incomplete UTF-8 tail held back at the very end is streamed as is (token None: no new token).
-    thinking = _strip_label(raw_thought + thought.flush())
-    if thinking != res.thinking:
-        yield Step(None, thinking[len(res.thinking):], "thought")
-        res.thinking = thinking
+    rest = _strip_label(raw_thought + thought.flush())[shown:]
+    if rest:
+        res.thinking += rest
+        yield Step(None, rest, "thought")
     tail = answer.flush()
     if tail:
         res.text += tail
