@@ -144,7 +144,7 @@ def test_no_weights_and_no_dir(tiny_ckpt, tmp_path):
 @pytest.mark.parametrize("patch, field", [
     ({"enable_moe_block": True}, "enable_moe_block"),
     ({"attention_k_eq_v": True}, "attention_k_eq_v"),
-    ({"use_bidirectional_attention": "vision"}, "use_bidirectional_attention"),
+    ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),
     ({"model_type": "gemma3_text"}, "model_type"),
 ])
 def test_bad_config(tiny_ckpt, tmp_path, patch, field):
