@@ -462,7 +462,6 @@ def _full_head_dim(t: dict[str, Any], prefix: str, layer_types: list[str], sourc
         return t.get("global_head_dim") or 512
     if not isinstance(plc, dict):
         raise _refuse(prefix + "per_layer_config", f"is {_show(plc)}, expected an object", source)
-    dims = set()
     for k, v in plc.items():
         label = f"{prefix}per_layer_config.{k}"
         if not (str(k).isdigit() and int(k) < len(layer_types)) or not isinstance(v, dict):
@@ -471,10 +470,8 @@ def _full_head_dim(t: dict[str, Any], prefix: str, layer_types: list[str], sourc
         if extra or (layer_types[int(k)] != FULL and v.get("head_dim", base) != base):
             raise _refuse(label, f"overrides {', '.join(extra) or 'head_dim'} on a "
                                  f"{layer_types[int(k)].split('_')[0]} layer: not supported", source)
-    for i, kind in enumerate(layer_types):
-        if kind == FULL:
-            v = plc.get(str(i), plc.get(f"{i:02d}", plc.get(i, {})))
-            dims.add(v.get("head_dim", base) if isinstance(v, dict) else base)
+    by_layer = {int(k): v for k, v in plc.items()}  # keys as written: "5", "05" (transformers pads them)
+    dims = {by_layer.get(i, {}).get("head_dim", base) for i, kind in enumerate(layer_types) if kind == FULL}
     if len(dims) > 1:
         raise _refuse(prefix + "per_layer_config", f"gives full layers different head dims {sorted(dims)}: "
                                                     "not supported", source)
