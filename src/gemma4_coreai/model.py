@@ -127,12 +127,6 @@ def dequant_linear(m: Q4Linear, x: Tensor) -> Tensor:
     return F.linear(x, m.dequantized(x.dtype))
 
 
-def _dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype, grid: torch.dtype | None) -> Tensor:
-    if grid is None or grid == dtype:
-        return q4_0_dequantize(q, scale, dtype)
-    return q4_0_dequantize(q, scale, grid).to(dtype)
-
-
 class Q4Linear(nn.Module):
     """y = x @ W.T with W on the q4_0 lattice (int4 q in [-8, 7], one scale per 32 inputs).
 
@@ -159,7 +153,7 @@ class Q4Linear(nn.Module):
         self.q4: Tensor | None
         self.scale: Tensor | None
         if storage == "dense":
-            self.register_buffer("weight", _dequantize(unpack_int4(q4), scale, dtype, grid))
+            self.register_buffer("weight", q4_0_dequantize(unpack_int4(q4), scale, dtype, grid))
             self.q = self.q4 = self.scale = None
         elif storage == "int8":
             self.register_buffer("q", unpack_int4(q4))
@@ -184,7 +178,7 @@ class Q4Linear(nn.Module):
         """W [N, K] in `dtype`."""
         if self.weight is not None:
             return self.weight.to(dtype)
-        return _dequantize(self.int8_weight(), self.scale, dtype, self.grid)
+        return q4_0_dequantize(self.int8_weight(), self.scale, dtype, self.grid)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_fn(self, x)

@@ -63,7 +63,8 @@ def _rounding_interval(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
     return torch.where(w == 0, torch.inf, lo), torch.where(w == 0, -torch.inf, hi)
 
 
-def refine_scales(src: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def refine_scales(src: torch.Tensor, q: torch.Tensor, d: torch.Tensor,
+                  deq: torch.Tensor | None = None) -> torch.Tensor:
     """Scales [N, K/32] that make `bf16(q * d)` reproduce a 16-bit checkpoint's blocks where `m / -8` does not.
 
     `m / -8` is exact whenever the checkpoint holds `bf16(q * d)` with d of at most 8 significant bits; a scale
@@ -71,13 +72,14 @@ def refine_scales(src: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.
     by an ulp. For each such block the products pin d to an interval (the intersection over its nonzero q of the
     reals that round to each value, divided by q). Candidates from it: the fp16 value nearest its middle and
     both fp16 neighbours of that one (a middle on a rounding tie may round to a false end), then the fp32 middle;
-    the first whose products match every value wins. Other blocks keep `d`."""
+    the first whose products match every value wins. Other blocks keep `d`. `deq`: `q * d` in src's dtype, where
+    the caller has it already."""
     if src.dtype not in _SIGNIFICAND:
         return d
     n, k = src.shape
     w = src.reshape(n, k // BLOCK, BLOCK)
     qb = q.reshape(n, k // BLOCK, BLOCK)
-    deq = q4_0_dequantize(q, d, src.dtype).reshape(w.shape)
+    deq = (q4_0_dequantize(q, d, src.dtype) if deq is None else deq).reshape(w.shape)
     off = ~(deq == w).all(-1)
     # only blocks off by rounding (a lattice whose scale has more bits moves products by an ulp, ~2^-8 of the
     # block's largest value, or by one subnormal step); a block off the lattice altogether misses by up to half
@@ -111,11 +113,15 @@ def refine_scales(src: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.
     return d
 
 
-def q4_0_dequantize(q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(q int8 [N, K], d [N, K/32]) -> w [N, K] in `dtype` (products in fp32, then one rounding)."""
+def q4_0_dequantize(q: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    grid: torch.dtype | None = None) -> torch.Tensor:
+    """(q int8 [N, K], d [N, K/32]) -> w [N, K] in `dtype` (products in fp32, then one rounding). `grid`: a dtype
+    the products are rounded to first (the source checkpoint's, so a wider `dtype` gets its exact values)."""
     n, k = q.shape
-    w = q.float().reshape(n, k // BLOCK, BLOCK) * d.float().unsqueeze(-1)
-    return w.reshape(n, k).to(dtype)
+    w = (q.float().reshape(n, k // BLOCK, BLOCK) * d.float().unsqueeze(-1)).reshape(n, k)
+    if grid is not None and grid != dtype:
+        w = w.to(grid)
+    return w.to(dtype)
 
 
 def compact_scales(d: torch.Tensor) -> torch.Tensor:
@@ -231,7 +237,7 @@ def linear_entries(name: str, w: torch.Tensor, report: LatticeReport | None = No
         q, d = q4_0_quantize(chunk)
         deq = q4_0_dequantize(q, d, chunk.dtype)
         if not torch.equal(deq, chunk):  # some blocks miss under m / -8: scales of more bits may hit them
-            d = refine_scales(chunk, q, d)
+            d = refine_scales(chunk, q, d, deq)
             deq = q4_0_dequantize(q, d, chunk.dtype)
         if report is not None:
             report.tensor(name).add(chunk, deq, BLOCK)
